@@ -1,0 +1,163 @@
+"""Checkpoint IO: a lazy reader over (sharded) safetensors and atomic, durable writes."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .errors import CheckpointError, InsufficientResourcesError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+class CheckpointReader:
+    """Knows every tensor's shard, dtype and shape from the headers; reads tensors only on request.
+
+    Reads are zero-copy views of a memory map, so a layer's tensors cost page cache, not a copy,
+    until something converts them. `live_bytes` counts what callers still hold, which lets tests
+    assert that no more than one layer is resident.
+    """
+
+    def __init__(self, model_dir: Path):
+        self.model_dir = Path(model_dir)
+        self.weight_map = self._weight_map()
+        self.info: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+        for shard, names in self._by_shard(self.weight_map).items():
+            self._read_header(shard, names)
+
+    def _weight_map(self) -> dict[str, str]:
+        index = self.model_dir / INDEX_NAME
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as exc:
+                raise CheckpointError(f"{index} is not a valid safetensors index ({exc}): re-download it") from exc
+        elif (self.model_dir / SINGLE_NAME).is_file():
+            weight_map = None
+        elif any(self.model_dir.glob("*.bin")) or any(self.model_dir.glob("*.pt")):
+            raise CheckpointError(
+                f"{self.model_dir} holds only pickle weights (.bin/.pt); streammerge never unpickles: convert "
+                f"them first, e.g. AutoModelForCausalLM.from_pretrained(dir).save_pretrained(new_dir) in a "
+                f"trusted environment"
+            )
+        else:
+            raise CheckpointError(
+                f"no safetensors weights in {self.model_dir}: expected {SINGLE_NAME} or {INDEX_NAME}"
+            )
+        if weight_map is None:
+            with self._open(SINGLE_NAME) as f:
+                return {name: SINGLE_NAME for name in f.keys()}
+        for shard in sorted(set(weight_map.values())):
+            if not (self.model_dir / shard).is_file():
+                raise CheckpointError(
+                    f"{INDEX_NAME} names shard {shard}, which is missing from {self.model_dir}: re-download it"
+                )
+        return weight_map
+
+    def _open(self, shard: str, device: str = "cpu"):
+        try:
+            return safe_open(self.model_dir / shard, framework="pt", device=device)
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"shard {shard} is truncated or corrupt ({exc}): re-download it") from exc
+
+    def _read_header(self, shard: str, names: list[str]) -> None:
+        with self._open(shard) as f:
+            present = set(f.keys())
+            for name in names:
+                if name not in present:
+                    raise CheckpointError(f"{INDEX_NAME} places {name} in {shard}, which lacks it: re-download it")
+                view = f.get_slice(name)
+                self.info[name] = (_DTYPES[view.get_dtype()], tuple(view.get_shape()))
+
+    @staticmethod
+    def _by_shard(weight_map: dict[str, str]) -> dict[str, list[str]]:
+        groups: dict[str, list[str]] = defaultdict(list)
+        for name, shard in weight_map.items():
+            groups[shard].append(name)
+        return groups
+
+    def names(self) -> list[str]:
+        return list(self.weight_map)
+
+    def num_parameters(self) -> int:
+        return sum(_numel(shape) for _, shape in self.info.values())
+
+    def nbytes(self, names) -> int:
+        return sum(self.info[n][0].itemsize * _numel(self.info[n][1]) for n in names)
+
+    def read(self, names) -> dict[str, torch.Tensor]:
+        """The named tensors as CPU views of the memory-mapped shards."""
+        out = {}
+        for shard, group in self._by_shard({n: self.weight_map[n] for n in names}).items():
+            with self._open(shard) as f:
+                for name in group:
+                    try:
+                        out[name] = f.get_tensor(name)
+                    except (SafetensorError, OSError, RuntimeError) as exc:
+                        raise CheckpointError(f"shard {shard} is truncated or corrupt ({exc}): re-download it") from exc
+        return {name: out[name] for name in names}
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write) -> None:
+    """Write through `write(tmp_path)`, fsync, then rename: a reader sees the old file or the whole new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise InsufficientResourcesError(
+                f"disk full while writing {path}: free space on {path.parent} and re-run the same command to resume"
+            ) from exc
+        raise
+
+
+def save_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+
+
+def save_json(path: Path, obj) -> None:
+    text = json.dumps(obj, indent=2, sort_keys=False) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,92 @@
+"""Command line: `streammerge run | eval | inspect | plan`."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from . import __version__
+from .calibration import DEFAULT_TEXT
+from .cluster import LINKAGES, METRICS
+from .errors import StreamMergeError
+from .merge import MERGES, ROUTERS
+
+log = logging.getLogger("streammerge")
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+
+
+def _fail(error: StreamMergeError) -> None:
+    click.echo(f"error: {error}", err=True)
+    sys.exit(error.exit_code)
+
+
+@click.group()
+@click.version_option(__version__)
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def main(verbose: bool) -> None:
+    """Compress Mixture-of-Experts checkpoints by merging experts, one layer at a time."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s")
+    for noisy in ("transformers", "torch"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def run_options(command):
+    """Options shared by `run` and `plan`."""
+    options = [
+        click.option("--ratio", type=float, help="Fraction of routed experts removed per layer (0.5 halves them)."),
+        click.option("--experts", type=int, help="Routed experts kept per layer (instead of --ratio)."),
+        click.option("--calib", type=click.Path(path_type=Path), default=DEFAULT_TEXT, show_default="bundled text",
+                     help="Calibration text: plain text, or JSONL with a 'text' field."),
+        click.option("--samples", type=int, default=32, show_default=True, help="Calibration windows."),
+        click.option("--seqlen", type=int, default=512, show_default=True, help="Tokens per window."),
+        click.option("--batch", type=int, default=4, show_default=True,
+                     help="Windows per chunk: one chunk of hidden states is in memory at a time."),
+        click.option("--linkage", type=click.Choice(LINKAGES), default="average", show_default=True),
+        click.option("--metric", type=click.Choice(METRICS), default="euclidean", show_default=True,
+                     help="Distance between expert features."),
+        click.option("--merge", type=click.Choice(MERGES), default="freq", show_default=True,
+                     help="freq: usage-frequency-weighted average (HC-SMoE); avg: plain average."),
+        click.option("--router", type=click.Choice(ROUTERS), default="dominant", show_default=True,
+                     help="Router row of a merged expert."),
+        click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda, cuda:N."),
+        click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+                     show_default=True, help="Compute dtype; auto: float32 on CPU, the weights' dtype on GPU."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Picks the calibration windows."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@run_options
+@click.option("--restart", is_flag=True, help="Discard an unfinished or different run in OUT_DIR (only files streammerge made).")
+def run(model_dir: Path, out_dir: Path, **kwargs) -> None:
+    """Merge the experts of MODEL_DIR into a smaller checkpoint in OUT_DIR (resumes an interrupted run)."""
+    from .pipeline import RunOptions, run as run_pipeline
+
+    try:
+        with logging_redirect_tqdm():
+            summary = run_pipeline(model_dir, out_dir, RunOptions(**kwargs))
+    except StreamMergeError as error:
+        _fail(error)
+    params, size = summary["parameters"], summary["bytes"]
+    click.echo(
+        f"done: {out_dir}\n"
+        f"  experts     {summary['experts']}\n"
+        f"  parameters  {params[0]:,} -> {params[1]:,} ({params[1] / params[0]:.1%})\n"
+        f"  size        {_human(size[0])} -> {_human(size[1])}\n"
+        f"  time        {summary['seconds']} s"
+    )

@@ -1,0 +1,140 @@
+"""The input model: config, architecture entry, lazy weights and tokenizer, validated up front."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import cached_property
+from pathlib import Path
+
+import safetensors
+import torch
+import transformers
+from transformers import AutoConfig, AutoTokenizer
+
+from . import __version__
+from .arch import GLOBAL_TENSORS, ArchSpec, spec_for
+from .checkpoint import INDEX_NAME, CheckpointReader
+from .errors import CheckpointError, InputError, UnsupportedArchitectureError
+from .runner import load_layer
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
+NOT_COPIED = {"config.json", "README.md", ".gitattributes", INDEX_NAME, "streammerge.json", "streammerge.log"}
+
+
+class Model:
+    def __init__(self, model_dir: Path, raw_config: dict, config, spec: ArchSpec, reader: CheckpointReader):
+        self.dir = model_dir
+        self.raw_config = raw_config
+        self.config = config
+        self.spec = spec
+        self.reader = reader
+
+    @classmethod
+    def open(cls, model_dir: Path, check_tensors: bool = True) -> "Model":
+        model_dir = Path(model_dir)
+        if not model_dir.is_dir():
+            raise InputError(f"model directory {model_dir} does not exist: pass the directory holding config.json and the weights")
+        config_path = model_dir / "config.json"
+        if not config_path.is_file():
+            raise InputError(f"{model_dir} has no config.json: pass a Hugging Face model directory")
+        try:
+            raw_config = json.loads(config_path.read_text())
+        except ValueError as exc:
+            raise InputError(f"{config_path} is not valid JSON ({exc}): re-download it") from exc
+        spec = spec_for(raw_config)
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+        if not spec.moe_layers(config):
+            raise UnsupportedArchitectureError(
+                f"this {spec.family} config has no MoE layer: it is a dense model, nothing to merge"
+            )
+        model = cls(model_dir, raw_config, config, spec, CheckpointReader(model_dir))
+        if check_tensors:
+            model.check_tensors()
+        return model
+
+    @property
+    def name(self) -> str:
+        return self.raw_config.get("_name_or_path") or self.dir.resolve().name
+
+    @property
+    def weights_dtype(self) -> torch.dtype:
+        return self.reader.info["model.embed_tokens.weight"][0]
+
+    def layer_names(self, layer: int) -> list[str]:
+        prefix = self.spec.layer_prefix(layer)
+        return [n for n in self.reader.weight_map if n.startswith(prefix)]
+
+    def check_tensors(self) -> None:
+        """Every checkpoint tensor must belong to the architecture, with the config's shapes (no weights read)."""
+        layered = {n for layer in range(self.config.num_hidden_layers) for n in self.layer_names(layer)}
+        for name in self.reader.weight_map:
+            if name not in layered and name not in GLOBAL_TENSORS:
+                raise CheckpointError(
+                    f"unknown tensor {name}: it is not part of a {self.spec.family} checkpoint with "
+                    f"{self.config.num_hidden_layers} layers; the checkpoint and config.json disagree"
+                )
+        if "model.embed_tokens.weight" not in self.reader.info:
+            raise CheckpointError("the checkpoint has no model.embed_tokens.weight: it is incomplete")
+        expected = {"model.embed_tokens.weight": (self.config.vocab_size, self.config.hidden_size),
+                    "lm_head.weight": (self.config.vocab_size, self.config.hidden_size),
+                    "model.norm.weight": (self.config.hidden_size,)}
+        for name, shape in expected.items():
+            if name in self.reader.info and self.reader.info[name][1] != shape:
+                raise CheckpointError(
+                    f"{name} has shape {list(self.reader.info[name][1])}, the config implies {list(shape)}: "
+                    f"the checkpoint and config.json disagree"
+                )
+        for layer in range(self.config.num_hidden_layers):
+            meta = {n: torch.empty(self.reader.info[n][1], dtype=self.reader.info[n][0], device="meta")
+                    for n in self.layer_names(layer)}
+            load_layer(self.spec, self.config, layer, meta)
+
+    def tokenizer(self):
+        try:
+            return AutoTokenizer.from_pretrained(self.dir, trust_remote_code=False)
+        except (OSError, ValueError, TypeError) as exc:
+            raise InputError(
+                f"no usable tokenizer in {self.dir} ({str(exc).splitlines()[0][:120]}): copy the base model's "
+                f"tokenizer files (tokenizer.json, tokenizer_config.json) into it"
+            ) from exc
+
+    def extra_files(self) -> list[Path]:
+        """Tokenizer, generation config, chat template and the like: copied to the output unchanged."""
+        return sorted(
+            p for p in self.dir.iterdir()
+            if p.is_file() and not p.name.startswith(".") and p.name not in NOT_COPIED
+            and not p.name.endswith(WEIGHT_SUFFIXES)
+        )
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Hash of config.json and every tensor's name, dtype, shape and shard, and the shard sizes."""
+        digest = hashlib.sha256((self.dir / "config.json").read_bytes())
+        for name in sorted(self.reader.info):
+            dtype, shape = self.reader.info[name]
+            digest.update(f"{name}|{dtype}|{shape}|{self.reader.weight_map[name]}".encode())
+        for shard in sorted(set(self.reader.weight_map.values())):
+            digest.update(f"{shard}|{(self.dir / shard).stat().st_size}".encode())
+        return digest.hexdigest()
+
+    @staticmethod
+    def versions() -> dict:
+        return {"streammerge": __version__, "torch": torch.__version__,
+                "transformers": transformers.__version__, "safetensors": safetensors.__version__}
+
+    def reduced_config_dict(self, num_experts: int) -> dict:
+        """The source config.json with the expert count and top-k edited in place.
+
+        Editing the dict, not re-serializing a config object, keeps the Hub's keys: e.g. Qwen3MoeConfig
+        would write `num_local_experts` where the Hub has `num_experts`.
+        """
+        raw = dict(self.raw_config)
+        attribute_map = getattr(type(self.config), "attribute_map", {})
+        for attribute, value in ((self.spec.experts_key, num_experts),
+                                 (self.spec.top_k_key, min(self.spec.top_k(self.config), num_experts))):
+            canonical = attribute_map.get(attribute, attribute)
+            keys = [k for k in raw if attribute_map.get(k, k) == canonical] or [attribute]
+            for key in keys:
+                raw[key] = value
+        return raw
