@@ -6,6 +6,7 @@ import errno
 import hashlib
 import json
 import os
+import weakref
 from collections import defaultdict
 from pathlib import Path
 
@@ -36,6 +37,8 @@ class CheckpointReader:
         self.model_dir = Path(model_dir)
         self.weight_map = self._weight_map()
         self.info: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+        self.live_bytes = 0
+        self.peak_live_bytes = 0
         for shard, names in self._by_shard(self.weight_map).items():
             self._read_header(shard, names)
 
@@ -106,10 +109,21 @@ class CheckpointReader:
             with self._open(shard) as f:
                 for name in group:
                     try:
-                        out[name] = f.get_tensor(name)
+                        out[name] = self._track(f.get_tensor(name))
                     except (SafetensorError, OSError, RuntimeError) as exc:
                         raise CheckpointError(f"shard {shard} is truncated or corrupt ({exc}): re-download it") from exc
         return {name: out[name] for name in names}
+
+
+    def _track(self, tensor: torch.Tensor) -> torch.Tensor:
+        size = tensor.numel() * tensor.element_size()
+        self.live_bytes += size
+        self.peak_live_bytes = max(self.peak_live_bytes, self.live_bytes)
+        weakref.finalize(tensor, self._release, size)
+        return tensor
+
+    def _release(self, size: int) -> None:
+        self.live_bytes -= size
 
 
 def _numel(shape) -> int:

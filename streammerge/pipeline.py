@@ -22,7 +22,7 @@ from .errors import CheckpointError, InputError, Interrupted
 from .journal import PROVENANCE, Journal
 from .merge import member_weights, merge_tensors, router_rows
 from .model import Model
-from .runner import LayerRunner, expert_output
+from .runner import LayerRunner
 from .statistics import ExpertStatistics
 
 log = logging.getLogger(__name__)
@@ -157,18 +157,16 @@ class Run:
     def measure(self, layer: int, module, source: HiddenStates, target: HiddenStates) -> ExpertStatistics:
         """One pass over the chunks: the layer's outputs for the next layer, and the expert statistics."""
         stats = ExpertStatistics(self.num_experts, self.config.hidden_size)
-        captured = {}
-        hook = module.mlp.register_forward_pre_hook(lambda _, args: captured.update(x=args[0]))
-        try:
-            for c in tqdm(range(len(self.chunks)), desc=f"layer {layer} statistics", leave=False, disable=None):
-                target.write(c, self.runner.forward(module, layer, source.read(c, self.device)))
-                x = captured.pop("x").reshape(-1, self.config.hidden_size)
-                _, weights, index = module.mlp.gate(x)
-                stats.add_routing(index)
-                for expert in range(self.num_experts):
-                    stats.add_expert(expert, expert_output(module.mlp.experts, expert, x), index, weights)
-        finally:
-            hook.remove()
+
+        def observe(expert, x, y, top_k_index, top_k_weights):
+            if expert == 0:
+                stats.add_routing(top_k_index)
+            stats.add_expert(expert, y, top_k_index, top_k_weights)
+
+        module.mlp.experts.observer = observe
+        for c in tqdm(range(len(self.chunks)), desc=f"layer {layer} statistics", leave=False, disable=None):
+            target.write(c, self.runner.forward(module, layer, source.read(c, self.device)))
+        module.mlp.experts.observer = None
         return stats
 
     def compress(self, layer: int, tensors: dict, stats: ExpertStatistics) -> tuple[dict, dict]:
@@ -247,6 +245,7 @@ class Run:
             "parameters": (before.num_parameters(), after.num_parameters()),
             "bytes": (before.nbytes(before.names()), after.nbytes(after.names())),
             "seconds": round(time.monotonic() - started, 1),
+            "peak_weight_bytes": before.peak_live_bytes,
         }
 
 

@@ -12,33 +12,28 @@ from .arch import ArchSpec
 from .errors import CheckpointError
 
 
-def module_state(spec: ArchSpec, config, layer: int, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Translate one layer's on-disk tensors to the state dict of transformers' in-memory layer.
+def split_layer(spec: ArchSpec, config, layer: int, tensors: dict[str, torch.Tensor]):
+    """One layer's on-disk tensors as (state dict of the in-memory layer without routed experts,
+    list of each routed expert's (gate, up, down) weights).
 
-    On disk each expert has its own gate/up/down matrices; in memory they are stacked into
-    `experts.gate_up_proj [E, 2I, H]` (gate rows first) and `experts.down_proj [E, H, I]`.
+    The experts stay apart so they can go to the device one at a time (`ExpertStream`).
     """
     prefix = spec.layer_prefix(layer)
     state = {name[len(prefix):]: t for name, t in tensors.items()}
+    experts = []
     if spec.is_moe_layer(config, layer):
-        gate, up, down = spec.projections
-        moe = spec.moe_prefix
-        experts = range(spec.num_experts(config))
-        try:
-            gates = [state.pop(f"{moe}.experts.{e}.{gate}.weight") for e in experts]
-            ups = [state.pop(f"{moe}.experts.{e}.{up}.weight") for e in experts]
-            downs = [state.pop(f"{moe}.experts.{e}.{down}.weight") for e in experts]
-        except KeyError as exc:
-            raise CheckpointError(
-                f"layer {layer} lacks expert tensor {prefix}{exc.args[0]} that the config's "
-                f"{spec.experts_key}={spec.num_experts(config)} requires: the checkpoint is incomplete"
-            ) from exc
-        state["mlp.experts.gate_up_proj"] = torch.cat([torch.stack(gates), torch.stack(ups)], dim=1)
-        state["mlp.experts.down_proj"] = torch.stack(downs)
+        for e in range(spec.num_experts(config)):
+            try:
+                experts.append(tuple(state.pop(f"{spec.moe_prefix}.experts.{e}.{p}.weight") for p in spec.projections))
+            except KeyError as exc:
+                raise CheckpointError(
+                    f"layer {layer} lacks expert tensor {prefix}{exc.args[0]} that the config's "
+                    f"{spec.experts_key}={spec.num_experts(config)} requires: the checkpoint is incomplete"
+                ) from exc
     if spec.moe_prefix != "mlp":
         state = {("mlp." + k[len(spec.moe_prefix) + 1:] if k.startswith(spec.moe_prefix + ".") else k): t
                  for k, t in state.items()}
-    return state
+    return state, experts
 
 
 def runtime_config(config, attn_implementation: str = "sdpa"):
@@ -66,16 +61,21 @@ def load_layer(spec: ArchSpec, config, layer: int, tensors: dict[str, torch.Tens
                device: torch.device | None = None, dtype: torch.dtype | None = None) -> nn.Module:
     """transformers' layer built on meta and filled strictly from `tensors`.
 
-    Without a device the tensors may be meta too: that checks every name and shape of a layer
-    without reading a byte of weights.
+    Routed experts are replaced by an `ExpertStream` over their (CPU, memory-mapped) tensors. Without a
+    device the tensors may be meta too: that checks every name and shape of a layer without reading a
+    byte of weights.
     """
     with torch.device("meta"):
         module = spec.classes()[0](config, layer)
-    state = module_state(spec, config, layer, tensors)
+    state, experts = split_layer(spec, config, layer, tensors)
+    if experts:
+        module.mlp.experts = ExpertStream(type(module.mlp.experts), spec, config, experts, device, dtype)
     if device is not None:
         state = {k: t.to(device=device, dtype=dtype) for k, t in state.items()}
     try:
         module.load_state_dict(state, strict=True, assign=True)
+        if device is None and experts:
+            module.mlp.experts.check(layer)
     except RuntimeError as exc:
         detail = " ".join(str(exc).split())
         raise CheckpointError(
@@ -85,6 +85,53 @@ def load_layer(spec: ArchSpec, config, layer: int, tensors: dict[str, torch.Tens
         left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
         assert not left, f"layer {layer} still has meta tensors {left}"
     return module.eval()
+
+
+class ExpertStream(nn.Module):
+    """Stands in for transformers' experts module, with one expert on the device at a time.
+
+    Each expert runs on every token through a one-expert instance of transformers' own experts class
+    (so its math is the model's), and the routed combination is returned as the layer expects. Every
+    expert's output on all tokens is what the statistics need anyway, so `observer(expert, x, y,
+    top_k_index, top_k_weights)` sees each one and nothing is computed twice.
+    """
+
+    def __init__(self, experts_class, spec: ArchSpec, config, experts: list[tuple], device, dtype):
+        super().__init__()
+        with torch.device("meta"):
+            one = experts_class(reduced_config(spec, config, 1))
+        # Not a registered submodule: its weights are whichever expert ran last, not part of the layer.
+        object.__setattr__(self, "one", one)
+        self.experts = experts
+        self.device = device
+        self.dtype = dtype
+        self.observer = None
+
+    def check(self, layer: int) -> None:
+        for gate, up, down in self.experts:
+            self.one.load_state_dict(self._state(gate, up, down), strict=True, assign=True)
+
+    @staticmethod
+    def _state(gate, up, down) -> dict:
+        return {"gate_up_proj": torch.cat([gate, up])[None], "down_proj": down[None]}
+
+    def output(self, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert `expert` applied to every row of `x` [N, H]."""
+        state = {k: t.to(device=self.device, dtype=self.dtype) for k, t in self._state(*self.experts[expert]).items()}
+        self.one.load_state_dict(state, strict=True, assign=True)
+        index = torch.zeros((x.shape[0], 1), device=x.device, dtype=torch.long)
+        weight = torch.ones((x.shape[0], 1), device=x.device, dtype=x.dtype)
+        return self.one(x, index, weight)
+
+    def forward(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        combined = torch.zeros_like(x)
+        for expert in range(len(self.experts)):
+            y = self.output(expert, x)
+            if self.observer is not None:
+                self.observer(expert, x, y, top_k_index, top_k_weights)
+            gate = (top_k_weights * (top_k_index == expert)).sum(-1, keepdim=True)
+            combined += (y * gate).to(combined.dtype)
+        return combined
 
 
 class LayerRunner:
@@ -131,10 +178,3 @@ class LayerRunner:
     def forward(self, module: nn.Module, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         return module(hidden, **self.context(hidden.shape[0], hidden.shape[1], layer))
 
-
-@torch.no_grad()
-def expert_output(experts: nn.Module, expert: int, x: torch.Tensor) -> torch.Tensor:
-    """Expert `expert` applied to every token of `x` [N, H], through transformers' own experts module."""
-    index = torch.full((x.shape[0], 1), expert, device=x.device, dtype=torch.long)
-    weight = torch.ones((x.shape[0], 1), device=x.device, dtype=x.dtype)
-    return experts(x, index, weight)

@@ -97,3 +97,13 @@ def test_non_expert_tensors_are_byte_identical(tiny_models, compressed, family):
     for name in kept:
         assert source[name].dtype == merged[name].dtype
         assert source[name].numpy().tobytes() == merged[name].numpy().tobytes(), name
+
+
+def test_at_most_one_layer_of_weights_is_held(tiny_models, tmp_path):
+    model_dir = tiny_models("mixtral")
+    summary = run(model_dir, tmp_path / "out", RunOptions(**OPTIONS))
+    reader = CheckpointReader(model_dir)
+    layers = [[n for n in reader.names() if n.startswith(f"model.layers.{i}.")] for i in range(3)]
+    globals_ = [n for n in reader.names() if not n.startswith("model.layers.")]
+    bound = max(max(reader.nbytes(names) for names in layers), reader.nbytes(globals_))
+    assert 0 < summary["peak_weight_bytes"] <= bound

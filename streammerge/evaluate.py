@@ -1,0 +1,126 @@
+"""Perplexity on held-out text, streamed one decoder layer at a time like `run`.
+
+Only one layer's weights and one chunk of hidden states are in memory at once; the hidden states of
+all windows wait on disk between layers, so a model larger than memory fits a small GPU.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .calibration import HiddenStates, read_documents
+from .errors import CheckpointError, InputError
+from .model import Model
+from .pipeline import resolve_device, resolve_dtype
+from .runner import LayerRunner
+
+log = logging.getLogger(__name__)
+
+
+def token_windows(tokenizer, path: Path, tokens: int, seqlen: int) -> torch.Tensor:
+    """The first `tokens` tokens of the documents joined by EOS, cut into consecutive windows of `seqlen`.
+
+    The last partial window is dropped, so there is no padding.
+    """
+    if seqlen < 2 or tokens < seqlen:
+        raise InputError(f"--seqlen {seqlen} and --tokens {tokens}: need 2 <= seqlen <= tokens for one window to predict from")
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"text file {path} does not exist: pass an existing text or JSONL file to --text")
+    stream: list[int] = []
+    for document in read_documents(path):
+        if len(stream) >= tokens:
+            break
+        stream.extend(tokenizer(document, add_special_tokens=False)["input_ids"])
+        if tokenizer.eos_token_id is not None:
+            stream.append(tokenizer.eos_token_id)
+    if len(stream) < seqlen:
+        raise InputError(
+            f"text {path} has {len(stream)} tokens, less than one window of --seqlen {seqlen}: "
+            f"pass more text with --text or lower --seqlen"
+        )
+    windows = min(tokens, len(stream)) // seqlen
+    return torch.tensor(stream[: windows * seqlen], dtype=torch.long).view(windows, seqlen)
+
+
+def final_norm(model: Model, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """`model.norm` as the family's own RMSNorm class (e.g. MixtralRMSNorm) computes it."""
+    modeling = importlib.import_module(model.spec.modeling_module)
+    norm_class = getattr(modeling, model.spec.layer_class.replace("DecoderLayer", "RMSNorm"))
+    with torch.device("meta"):
+        norm = norm_class(model.config.hidden_size, eps=model.config.rms_norm_eps)
+    weight = model.reader.read(["model.norm.weight"])["model.norm.weight"]
+    norm.load_state_dict({"weight": weight.to(device=device, dtype=dtype)}, assign=True)
+    return norm.eval()
+
+
+def output_embeddings(model: Model) -> torch.Tensor:
+    """lm_head; tied models may leave it out and use the embedding matrix, as transformers does."""
+    if "lm_head.weight" in model.reader.weight_map:
+        return model.reader.read(["lm_head.weight"])["lm_head.weight"]
+    if getattr(model.config, "tie_word_embeddings", False):
+        return model.reader.read(["model.embed_tokens.weight"])["model.embed_tokens.weight"]
+    raise CheckpointError("the checkpoint has no lm_head.weight and tie_word_embeddings is false: it is incomplete")
+
+
+def chunk_nll(hidden: torch.Tensor, ids: torch.Tensor, norm: torch.nn.Module, head: torch.Tensor) -> float:
+    """Summed next-token NLL inside each window, as transformers' `labels=input_ids` loss before its mean.
+
+    A function of its own so the [B, L, V] logits are freed on return, before the next chunk's.
+    """
+    logits = F.linear(norm(hidden), head).float()
+    targets = ids[:, 1:].to(hidden.device)
+    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), reduction="none")
+    return nll.double().sum().item()
+
+
+@torch.no_grad()
+def perplexity(model_dir: Path, text_path: Path, tokens: int = 16384, seqlen: int = 512, batch: int = 4,
+               device: str = "auto", dtype: str = "auto", work_dir: Path | None = None) -> dict:
+    """exp(mean next-token NLL) over consecutive windows of the text's first `tokens` tokens.
+
+    Hidden states wait between layers in a temporary directory (under `work_dir` when given).
+    """
+    if batch < 1:
+        raise InputError(f"--batch {batch} must be at least 1 (windows per chunk)")
+    model = Model.open(model_dir)
+    if "model.norm.weight" not in model.reader.weight_map:
+        raise CheckpointError("the checkpoint has no model.norm.weight: it is incomplete")
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device, model.weights_dtype)
+    ids = token_windows(model.tokenizer(), text_path, tokens, seqlen)
+    chunks = ids.split(batch)
+    num_layers = model.config.num_hidden_layers
+    log.info("perplexity of %s over %d windows of %d tokens on %s (%s)", model.name, len(ids), seqlen, device,
+             str(dtype).removeprefix("torch."))
+    with tempfile.TemporaryDirectory(prefix="streammerge-eval-", dir=work_dir) as tmp:
+        table = model.reader.read(["model.embed_tokens.weight"])["model.embed_tokens.weight"]
+        store = HiddenStates(tmp, 0, len(chunks))
+        for c, chunk in enumerate(chunks):
+            store.write(c, F.embedding(chunk, table).to(dtype))
+        del table
+        runner = LayerRunner(model.spec, model.config, device, dtype)
+        for layer in tqdm(range(num_layers), desc="layers", disable=None):
+            module = runner.build(layer, model.reader.read(model.layer_names(layer)))
+            source, store = store, HiddenStates(tmp, layer + 1, len(chunks))
+            for c in range(len(chunks)):
+                store.write(c, runner.forward(module, layer, source.read(c, device)))
+            source.remove()
+            del module
+        norm = final_norm(model, device, dtype)
+        head = output_embeddings(model).to(device=device, dtype=dtype)
+        nll = sum(chunk_nll(store.read(c, device), chunk, norm, head) for c, chunk in enumerate(chunks))
+    count = len(ids) * (seqlen - 1)
+    try:
+        value = math.exp(nll / count)
+    except OverflowError:  # a badly broken model can score a mean NLL beyond exp's range
+        value = math.inf
+    return dict(perplexity=value, tokens=count, nll=nll, windows=len(ids))
