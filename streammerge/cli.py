@@ -12,7 +12,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from . import __version__
 from .calibration import DEFAULT_TEXT
 from .cluster import LINKAGES, METRICS
-from .errors import StreamMergeError
+from .errors import Interrupted, StreamMergeError
 from .merge import MERGES, ROUTERS
 
 log = logging.getLogger("streammerge")
@@ -82,6 +82,8 @@ def run(model_dir: Path, out_dir: Path, **kwargs) -> None:
             summary = run_pipeline(model_dir, out_dir, RunOptions(**kwargs))
     except StreamMergeError as error:
         _fail(error)
+    except KeyboardInterrupt:
+        _fail(Interrupted("interrupted before the first layer finished: re-run the same command to resume"))
     params, size = summary["parameters"], summary["bytes"]
     click.echo(
         f"done: {out_dir}\n"
@@ -90,3 +92,91 @@ def run(model_dir: Path, out_dir: Path, **kwargs) -> None:
         f"  size        {_human(size[0])} -> {_human(size[1])}\n"
         f"  time        {summary['seconds']} s"
     )
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--text", type=click.Path(path_type=Path), required=True,
+              help="Held-out text: plain text, or JSONL with a 'text' field.")
+@click.option("--tokens", type=int, default=16384, show_default=True, help="Tokens evaluated, from the start of the text.")
+@click.option("--seqlen", type=int, default=512, show_default=True, help="Tokens per window.")
+@click.option("--batch", type=int, default=4, show_default=True,
+              help="Windows per chunk: one chunk of hidden states is in memory at a time.")
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda, cuda:N.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              show_default=True, help="Compute dtype; auto: float32 on CPU, the weights' dtype on GPU.")
+def eval(model_dir: Path, text: Path, **kwargs) -> None:
+    """Perplexity of MODEL_DIR on held-out text, streamed one layer at a time."""
+    from .evaluate import perplexity
+
+    try:
+        with logging_redirect_tqdm():
+            result = perplexity(model_dir, text, **kwargs)
+    except StreamMergeError as error:
+        _fail(error)
+    click.echo(
+        f"perplexity {result['perplexity']:.2f} over {result['tokens']:,} predicted tokens "
+        f"({result['windows']} windows of {kwargs['seqlen']})"
+    )
+
+
+@main.command()
+@click.argument("directory", type=click.Path(path_type=Path))
+def inspect(directory: Path) -> None:
+    """Show the MoE structure of a model or output directory, and whether a run there is complete."""
+    from .journal import Journal
+    from .model import Model
+
+    journal = Journal(directory)
+    status = journal.status()
+    try:
+        model = Model.open(directory, check_tensors=False)
+    except StreamMergeError as error:
+        if status != "in_progress":
+            _fail(error)
+        model = None
+    if model is not None:
+        spec, config, reader = model.spec, model.config, model.reader
+        moe = spec.moe_layers(config)
+        click.echo(
+            f"{directory}: {spec.family} ({config.model_type})\n"
+            f"  layers      {config.num_hidden_layers} ({len(moe)} MoE)\n"
+            f"  experts     {spec.num_experts(config)} routed per MoE layer, top-{spec.top_k(config)}; "
+            f"shared: {spec.shared_expert}\n"
+            f"  parameters  {reader.num_parameters():,}\n"
+            f"  size        {_human(reader.nbytes(reader.names()))}"
+        )
+    if status == "in_progress":
+        manifest = journal.manifest()
+        done = len(journal.finished(manifest["num_layers"], prune=False))
+        click.echo(f"  run         in progress: {done} of {manifest['num_layers']} layers done "
+                   f"(re-run the same `streammerge run` command to resume)")
+    elif status == "complete":
+        try:
+            Model.open(directory).reader.read([])
+            click.echo("  run         complete (streammerge output)")
+        except StreamMergeError as error:
+            click.echo(f"  run         damaged: {error}")
+            sys.exit(1)
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@run_options
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def plan(model_dir: Path, as_json: bool, **kwargs) -> None:
+    """Estimate what `run` on MODEL_DIR needs (memory, disk, work) from config.json and headers alone.
+
+    MODEL_DIR may hold only config.json; no weights are read and no device is touched, so e.g. `--device cuda`
+    plans for a GPU from any machine.
+    """
+    import json
+
+    from .pipeline import RunOptions
+    from .plan import describe, plan_model
+
+    try:
+        result = plan_model(model_dir, RunOptions(**kwargs))
+    except StreamMergeError as error:
+        _fail(error)
+    click.echo(json.dumps(result.as_dict(), indent=2) if as_json else describe(result))

@@ -30,8 +30,10 @@ def token_windows(tokenizer, path: Path, tokens: int, seqlen: int) -> torch.Tens
 
     The last partial window is dropped, so there is no padding.
     """
-    if seqlen < 2 or tokens < seqlen:
-        raise InputError(f"--seqlen {seqlen} and --tokens {tokens}: need 2 <= seqlen <= tokens for one window to predict from")
+    if seqlen < 2:
+        raise InputError(f"--seqlen {seqlen} is too short: a window needs at least 2 tokens to predict one")
+    if tokens < seqlen:
+        raise InputError(f"--tokens {tokens} is less than one window of --seqlen {seqlen}: raise --tokens or lower --seqlen")
     path = Path(path)
     if not path.is_file():
         raise InputError(f"text file {path} does not exist: pass an existing text or JSONL file to --text")

@@ -45,11 +45,14 @@ class Journal:
             return "complete"
         return "foreign"
 
+    def manifest(self) -> dict:
+        return json.loads(self.manifest_path.read_text())
+
     def _recorded(self) -> dict:
         path = self.manifest_path if self.manifest_path.is_file() else self.out_dir / PROVENANCE
         return json.loads(path.read_text())
 
-    def open(self, fields: dict, files: list[str], restart: bool) -> str:
+    def open(self, fields: dict, files: list[str], num_layers: int, restart: bool) -> str:
         """Start or resume a run with these signature fields; returns the journal status it found."""
         status = self.status()
         if status == "foreign":
@@ -68,7 +71,8 @@ class Journal:
                 )
         if status == "new":
             self.records_dir.mkdir(parents=True, exist_ok=True)
-            save_json(self.manifest_path, {"signature": signature(fields), "fields": fields, "files": files})
+            save_json(self.manifest_path, {"signature": signature(fields), "fields": fields, "files": files,
+                                                "num_layers": num_layers})
         return status
 
     def discard(self, files: list[str]) -> None:

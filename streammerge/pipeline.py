@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import shutil
 import time
@@ -202,7 +201,7 @@ class Run:
         for record in records:
             weight_map.update({name: record["shard"] for name in record["tensors"]})
         total_size = reader.nbytes(global_names) + sum(r["tensor_bytes"] for r in records)
-        fields = json.loads(self.journal.manifest_path.read_text())
+        fields = self.journal.manifest()
         provenance = {
             "streammerge_version": __version__,
             "base_model": self.model.name,
@@ -252,7 +251,7 @@ class Run:
 def run(model_dir: Path, out_dir: Path, options: RunOptions) -> dict:
     started = time.monotonic()
     state = Run(model_dir, out_dir, options)
-    status = state.journal.open(state.signature_fields(), state.output_files(), options.restart)
+    status = state.journal.open(state.signature_fields(), state.output_files(), state.num_layers, options.restart)
     if status == "complete":
         log.info("%s already holds this run's complete output; nothing to do", out_dir)
         return state.summary(started)

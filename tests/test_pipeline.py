@@ -62,7 +62,7 @@ def test_matches_in_memory_reference(tiny_models, compressed, family):
 def test_streamed_statistics_equal_reference(tiny_models, family, tmp_path):
     model_dir = tiny_models(family)
     state = Run(model_dir, tmp_path / "out", RunOptions(**OPTIONS))
-    state.journal.open(state.signature_fields(), state.output_files(), restart=False)
+    state.journal.open(state.signature_fields(), state.output_files(), state.num_layers, restart=False)
     state.embed()
     layer = min(state.moe_layers)
     module = state.runner.build(layer, state.model.reader.read(state.model.layer_names(layer)))

@@ -38,7 +38,7 @@ def make_tokenizer(out_dir: Path, vocab_size: int = 384) -> PreTrainedTokenizerF
 
 def tiny_config(family: str, layers: int = 3, vocab_size: int = 384, **overrides):
     raw = json.loads((CONFIGS / f"{FAMILIES[family]}.json").read_text())
-    raw.update({k: v for k, v in SHRUNK.items() if k in raw or k in ("head_dim",) and family == "qwen3_moe"})
+    raw.update({k: v for k, v in SHRUNK.items() if k in raw})
     raw.update(num_hidden_layers=layers, vocab_size=vocab_size, **overrides)
     for token in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if token in raw:

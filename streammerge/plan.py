@@ -1,0 +1,341 @@
+"""`streammerge plan`: what a run will cost, from config.json and safetensors headers alone (no weights read).
+
+Everything is derived from a tensor table {on-disk name: (dtype, shape)}: the checkpoint's headers, or, for a
+directory holding only config.json, the shapes transformers' own layer classes give for that config.
+`estimate` is a pure function of that table, so it can be unit-tested and compared with measured peaks.
+
+Notation: c = bytes per element of the compute dtype, N = batch × seqlen tokens of one chunk, T = samples × seqlen
+calibration tokens, H = hidden size, E = routed experts, I = one expert's intermediate size.
+
+Device peak. The pipeline holds one layer's non-expert weights and streams the routed experts through one at a
+time, so the peak does not grow with the expert count except by the router's O(E·(H + N)) terms:
+  non-expert weights  the largest layer's attention, norms, router and shared experts (a dense layer: all of it), × c
+  one expert          the largest routed expert's gate, up and down projections, × c
+  hidden states       the chunk's input and the layer's output, 2·N·H·c
+  working set         the larger of two stages that never overlap:
+                      attention: normed input, q, k and v (GQA expanded to every head) and the attention output,
+                      N·(H + 4·heads·head_dim)·c; sdpa never materializes the scores, eager adds batch·heads·seqlen²
+                      scores in c plus their float32 softmax;
+                      experts: router logits and probabilities in float32, N·E·8, and one expert on every token:
+                      its input, gate/up output, activation and output, N·(2H + 3I)·c
+  statistics          the accumulators: E×H float64 output sums and two E-vectors
+  CUDA context        CUDA_CONTEXT_BYTES (driver, kernels, allocator slack), on CUDA only
+Host peak (RSS):
+  baseline            HOST_BASELINE_BYTES: interpreter, torch and transformers imported
+  layer               the largest layer's tensors as they are converted, in c (when c is the weights' dtype these
+                      are the memory-mapped pages of the layer, which count in RSS once touched)
+  merged experts      the K merged experts of the largest MoE layer, in the weights' dtype, held until its shard
+                      is written
+  hidden states       one chunk read from disk and one chunk written, 2·N·H·c
+  on CPU also the device's working set and statistics: there the device is the host.
+Disk: the output checkpoint, plus two layers' sets of hidden states, T·H·c each (the input set of layer l and the
+output set for layer l+1 coexist until l is committed), plus DISK_MARGIN of both for headers, journal and log.
+Work per layer: the statistics pass applies every 2-D weight to every token (attention, router, shared experts and
+all E experts on all T tokens: 2·T·numel FLOPs), plus the attention scores QKᵀ and AV over full seqlen² windows,
+4·T·seqlen·heads·head_dim (kernels that skip the causal half do less). The layer's own output can be assembled from
+those same expert outputs, so it is not counted again. Bytes read: the layer's tensors and its input hidden states;
+written: its output shard and the next layer's hidden states.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig
+
+from .arch import GLOBAL_TENSORS, LAYER_PREFIX, ArchSpec, spec_for
+from .errors import InputError, UnsupportedArchitectureError
+from .model import WEIGHT_SUFFIXES, Model
+from .pipeline import RunOptions, resolve_dtype, target_experts
+
+HOST_BASELINE_BYTES = 500_000_000
+CUDA_CONTEXT_BYTES = 500_000_000
+DISK_MARGIN = 0.05
+FLOAT32_BYTES = 4
+FLOAT64_BYTES = 8
+
+TensorTable = dict[str, tuple[torch.dtype, tuple[int, ...]]]
+
+
+@dataclass(frozen=True)
+class Work:
+    flops: int
+    bytes_read: int
+    bytes_written: int
+
+    def __add__(self, other: "Work") -> "Work":
+        return Work(self.flops + other.flops, self.bytes_read + other.bytes_read,
+                    self.bytes_written + other.bytes_written)
+
+
+@dataclass(frozen=True)
+class Plan:
+    family: str
+    model_type: str
+    layers: int
+    moe_layers: int
+    experts_before: int
+    experts_after: int
+    top_k_before: int
+    top_k_after: int
+    parameters_before: int
+    parameters_after: int
+    input_bytes: int
+    output_bytes: int
+    weights_dtype: str
+    compute_dtype: str
+    device: str
+    samples: int
+    seqlen: int
+    batch: int
+    device_memory: dict[str, int]  # component -> bytes, as in the module docstring
+    host_memory: dict[str, int]
+    disk: dict[str, int]
+    largest_layer: Work
+    whole_run: Work
+    source: str = "checkpoint headers"
+
+    @property
+    def device_peak(self) -> int:
+        return sum(self.device_memory.values())
+
+    @property
+    def host_peak(self) -> int:
+        return sum(self.host_memory.values())
+
+    @property
+    def disk_needed(self) -> int:
+        return sum(self.disk.values())
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "device_peak": self.device_peak, "host_peak": self.host_peak,
+                "disk_needed": self.disk_needed}
+
+
+def _bytes(entry: tuple[torch.dtype, tuple[int, ...]]) -> int:
+    return entry[0].itemsize * math.prod(entry[1])
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _by_layer(tensors: TensorTable) -> dict[int, list[str]]:
+    stem = LAYER_PREFIX.split("{")[0]
+    layers: dict[int, list[str]] = defaultdict(list)
+    for name in tensors:
+        if name.startswith(stem):
+            layers[int(name[len(stem):].split(".")[0])].append(name)
+    return layers
+
+
+def compressed_tensors(spec: ArchSpec, config, tensors: TensorTable, k: int) -> TensorTable:
+    """The output's tensor table: in every MoE layer, experts 0..K-1 and a router of K rows."""
+    experts = spec.num_experts(config)
+    out = dict(tensors)
+    for layer in spec.moe_layers(config):
+        for expert in range(k, experts):
+            for name in spec.expert_names(layer, expert):
+                del out[name]
+        dtype, shape = out[spec.router_name(layer)]
+        out[spec.router_name(layer)] = (dtype, (k, *shape[1:]))
+    return out
+
+
+def estimate(spec: ArchSpec, config, tensors: TensorTable, options: RunOptions, device: str,
+             attention: str = "sdpa") -> Plan:
+    """The plan of `streammerge run` with `options` on a checkpoint with these tensors, computing on `device`
+    ("cuda" or "cpu"); `attention` is the layer's attention implementation (the runner uses sdpa)."""
+    if min(options.samples, options.seqlen, options.batch) < 1:
+        raise InputError("--samples, --seqlen and --batch must each be at least 1")
+    experts = spec.num_experts(config)
+    k = target_experts(experts, options.ratio, options.experts)
+    moe_layers = spec.moe_layers(config)
+    weights_dtype = tensors["model.embed_tokens.weight"][0]
+    compute = resolve_dtype(options.dtype, torch.device(device), weights_dtype)
+    c = compute.itemsize
+    hidden = config.hidden_size
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    tokens = options.samples * options.seqlen
+    chunk = min(options.batch, options.samples) * options.seqlen
+    hidden_set = tokens * hidden * c
+
+    output = compressed_tensors(spec, config, tensors, k)
+    layer_names = _by_layer(tensors)
+    output_names = _by_layer(output)
+    non_expert = one_expert = intermediate = layer_converted = 0
+    largest = total = Work(0, 0, 0)
+    for layer, names in layer_names.items():
+        routed = set()
+        if layer in moe_layers:
+            routed = {n for e in range(experts) for n in spec.expert_names(layer, e)}
+            first = spec.expert_names(layer, 0)
+            one_expert = max(one_expert, sum(math.prod(tensors[n][1]) for n in first))
+            intermediate = max(intermediate, tensors[first[0]][1][0])
+        non_expert = max(non_expert, sum(math.prod(tensors[n][1]) for n in names if n not in routed))
+        layer_converted = max(layer_converted, sum(math.prod(tensors[n][1]) for n in names) * c)
+        matrices = sum(math.prod(tensors[n][1]) for n in names if len(tensors[n][1]) == 2)
+        work = Work(flops=2 * tokens * matrices + 4 * tokens * options.seqlen * heads * head_dim,
+                    bytes_read=sum(_bytes(tensors[n]) for n in names) + hidden_set,
+                    bytes_written=sum(_bytes(output[n]) for n in output_names[layer]) + hidden_set)
+        largest = max(largest, work, key=lambda w: (w.flops, w.bytes_read))
+        total += work
+    global_bytes = sum(_bytes(tensors[n]) for n in GLOBAL_TENSORS if n in tensors)
+    total += Work(0, global_bytes + _bytes(tensors["model.embed_tokens.weight"]), global_bytes + hidden_set)
+
+    attention_set = chunk * (hidden + 4 * heads * head_dim) * c
+    if attention == "eager":
+        attention_set += min(options.batch, options.samples) * heads * options.seqlen ** 2 * (c + FLOAT32_BYTES)
+    experts_set = chunk * experts * 2 * FLOAT32_BYTES + chunk * (2 * hidden + 3 * intermediate) * c
+    working = {
+        "hidden states": 2 * chunk * hidden * c,
+        "working set": max(attention_set, experts_set),
+        "statistics": experts * hidden * FLOAT64_BYTES + 2 * experts * FLOAT64_BYTES,
+    }
+    device_memory = {"non-expert weights": non_expert * c, "one expert": one_expert * c, **working}
+    if device == "cuda":
+        device_memory["CUDA context"] = CUDA_CONTEXT_BYTES
+    host_memory = {
+        "baseline": HOST_BASELINE_BYTES,
+        "layer": layer_converted,
+        "merged experts": k * one_expert * weights_dtype.itemsize,
+        "hidden states": 2 * chunk * hidden * c,
+    }
+    if device == "cpu":
+        host_memory["working set"] = working["working set"]
+        host_memory["statistics"] = working["statistics"]
+    output_bytes = sum(_bytes(entry) for entry in output.values())
+    disk = {"output": output_bytes, "hidden states": 2 * hidden_set,
+            "margin": round(DISK_MARGIN * (output_bytes + 2 * hidden_set))}
+    return Plan(
+        family=spec.family, model_type=spec.model_type,
+        layers=config.num_hidden_layers, moe_layers=len(moe_layers),
+        experts_before=experts, experts_after=k,
+        top_k_before=spec.top_k(config), top_k_after=min(spec.top_k(config), k),
+        parameters_before=sum(math.prod(shape) for _, shape in tensors.values()),
+        parameters_after=sum(math.prod(shape) for _, shape in output.values()),
+        input_bytes=sum(_bytes(entry) for entry in tensors.values()), output_bytes=output_bytes,
+        weights_dtype=_dtype_name(weights_dtype), compute_dtype=_dtype_name(compute), device=device,
+        samples=options.samples, seqlen=options.seqlen, batch=options.batch,
+        device_memory=device_memory, host_memory=host_memory, disk=disk,
+        largest_layer=largest, whole_run=total,
+    )
+
+
+def config_tensors(spec: ArchSpec, config, dtype: torch.dtype) -> TensorTable:
+    """On-disk names and shapes of a `config` checkpoint as save_pretrained writes it, without any weights.
+
+    Each layer is built on the meta device from transformers' own class; its in-memory state, with the experts
+    fused into gate_up_proj [E, 2I, H] and down_proj [E, H, I], is split back into the Hub's per-expert names:
+    the inverse of runner.module_state.
+    """
+    hidden, vocab = config.hidden_size, config.vocab_size
+    shapes = {"model.embed_tokens.weight": (vocab, hidden)}
+    layer_class = spec.classes()[0]
+    gate, up, down = spec.projections
+    for layer in range(config.num_hidden_layers):
+        with torch.device("meta"):
+            state = {key: tuple(t.shape) for key, t in layer_class(config, layer).state_dict().items()}
+        gate_up = state.pop("mlp.experts.gate_up_proj", None)
+        down_proj = state.pop("mlp.experts.down_proj", None)
+        for key, shape in state.items():
+            on_disk = spec.moe_prefix + key[len("mlp"):] if key.startswith("mlp.") else key
+            shapes[spec.layer_prefix(layer) + on_disk] = shape
+        if gate_up is not None:
+            experts, rows, columns = gate_up
+            for expert in range(experts):
+                shapes[spec.expert_name(layer, expert, gate)] = (rows // 2, columns)
+                shapes[spec.expert_name(layer, expert, up)] = (rows // 2, columns)
+                shapes[spec.expert_name(layer, expert, down)] = down_proj[1:]
+    shapes["model.norm.weight"] = (hidden,)
+    if not getattr(config, "tie_word_embeddings", False):
+        shapes["lm_head.weight"] = (vocab, hidden)
+    return {name: (dtype, shape) for name, shape in shapes.items()}
+
+
+def planned_device(name: str) -> str:
+    """The device type a run with `--device name` computes on. Unlike the run, CUDA need not be present here,
+    so a plan for a GPU machine can be made anywhere."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        return torch.device(name).type
+    except RuntimeError as exc:
+        raise InputError(f"--device {name} is not a device: use auto, cpu, cuda or cuda:N") from exc
+
+
+def config_dtype(raw_config: dict) -> torch.dtype:
+    """The weights' dtype a bare config declares (`torch_dtype`, `dtype` in transformers 5), bfloat16 otherwise."""
+    name = raw_config.get("torch_dtype") or raw_config.get("dtype")
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.bfloat16
+
+
+def _config_only(model_dir: Path) -> bool:
+    return (model_dir / "config.json").is_file() and not any(
+        p.name.endswith(WEIGHT_SUFFIXES) for p in model_dir.iterdir())
+
+
+def _open_config(model_dir: Path) -> tuple[dict, object, ArchSpec]:
+    """config.json of a directory without weights, refused for the same reasons Model.open refuses it."""
+    path = model_dir / "config.json"
+    try:
+        raw_config = json.loads(path.read_text())
+    except ValueError as exc:
+        raise InputError(f"{path} is not valid JSON ({exc}): re-download it") from exc
+    spec = spec_for(raw_config)
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    if not spec.moe_layers(config):
+        raise UnsupportedArchitectureError(
+            f"this {spec.family} config has no MoE layer: it is a dense model, nothing to merge")
+    return raw_config, config, spec
+
+
+def plan_model(model_dir: Path, options: RunOptions) -> Plan:
+    """The plan for MODEL_DIR: from its safetensors headers, or from config.json alone when it has no weights."""
+    model_dir = Path(model_dir)
+    device = planned_device(options.device)
+    if not _config_only(model_dir):
+        model = Model.open(model_dir)
+        return estimate(model.spec, model.config, model.reader.info, options, device)
+    raw_config, config, spec = _open_config(model_dir)
+    dtype = config_dtype(raw_config)
+    plan = estimate(spec, config, config_tensors(spec, config, dtype), options, device)
+    return replace(plan, source=f"config.json alone (no weights: shapes from the config, {_dtype_name(dtype)} assumed)")
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:,.2f} GB"
+
+
+def _parts(components: dict[str, int]) -> str:
+    return ", ".join(f"{name} {_gb(n)}" for name, n in components.items())
+
+
+def describe(plan: Plan) -> str:
+    """The plan as the CLI prints it."""
+    dense = plan.layers - plan.moe_layers
+    return "\n".join([
+        f"{plan.family} ({plan.model_type}), from {plan.source}",
+        f"  layers        {plan.layers} ({plan.moe_layers} MoE, {dense} dense)",
+        f"  experts       {plan.experts_before} -> {plan.experts_after} per MoE layer, "
+        f"top-k {plan.top_k_before} -> {plan.top_k_after}",
+        f"  parameters    {plan.parameters_before:,} -> {plan.parameters_after:,} "
+        f"({plan.parameters_after / plan.parameters_before:.1%})",
+        f"  size          {_gb(plan.input_bytes)} -> {_gb(plan.output_bytes)} ({plan.weights_dtype} weights)",
+        f"  calibration   {plan.samples} x {plan.seqlen} tokens in chunks of {plan.batch} windows; "
+        f"compute on {plan.device} in {plan.compute_dtype}",
+        f"  device peak   {_gb(plan.device_peak)}: {_parts(plan.device_memory)}",
+        f"  host peak     {_gb(plan.host_peak)}: {_parts(plan.host_memory)}",
+        f"  disk          {_gb(plan.disk_needed)}: {_parts(plan.disk)}",
+        f"  largest layer {plan.largest_layer.flops / 1e12:,.1f} TFLOP, read {_gb(plan.largest_layer.bytes_read)}, "
+        f"write {_gb(plan.largest_layer.bytes_written)}",
+        f"  whole run     {plan.whole_run.flops / 1e12:,.1f} TFLOP, read {_gb(plan.whole_run.bytes_read)}, "
+        f"write {_gb(plan.whole_run.bytes_written)}",
+    ])

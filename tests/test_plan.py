@@ -1,0 +1,139 @@
+"""`streammerge plan`: estimates from config.json and headers alone, checked against real counts and targets."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import AutoConfig
+
+from streammerge.arch import ARCHITECTURES
+from streammerge.checkpoint import CheckpointReader
+from streammerge.cli import main
+from streammerge.model import Model
+from streammerge.pipeline import RunOptions, run
+from streammerge.plan import config_tensors, estimate, plan_model
+from tiny_models import CONFIGS
+
+GB = 10**9
+MIXTRAL = CONFIGS / "mistralai__Mixtral-8x7B-v0.1.json"
+QWEN3 = CONFIGS / "Qwen__Qwen3-30B-A3B.json"
+
+
+def bare_config(directory: Path, source: Path, **changes) -> Path:
+    """A model directory holding only config.json, as the Hub's, with `changes` applied."""
+    directory.mkdir(parents=True, exist_ok=True)
+    raw = json.loads(source.read_text())
+    raw.update(changes)
+    (directory / "config.json").write_text(json.dumps(raw))
+    return directory
+
+
+def plan_json(*args):
+    result = CliRunner().invoke(main, ["plan", *map(str, args), "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
+
+
+def test_mixtral_8x7b_fits_8gb_of_gpu_on_a_cpu_machine(tmp_path):
+    plan = plan_json(bare_config(tmp_path, MIXTRAL), "--ratio", "0.5", "--samples", "32", "--seqlen", "2048",
+                     "--batch", "4", "--device", "cuda")
+    assert (plan["device"], plan["compute_dtype"], plan["weights_dtype"]) == ("cuda", "bfloat16", "bfloat16")
+    assert plan["device_peak"] <= 8 * GB, plan["device_memory"]
+    assert "CUDA context" in plan["device_memory"]
+    # all 8 experts of a layer in bf16 are 2.82 GB (configs/README.md); only one is ever on the device
+    assert plan["device_memory"]["one expert"] == 3 * 4096 * 14336 * 2
+    assert plan["disk"]["hidden states"] == 2 * 32 * 2048 * 4096 * 2
+
+
+def test_device_peak_does_not_grow_with_expert_count(tmp_path):
+    options = RunOptions(ratio=0.5, samples=32, seqlen=2048, batch=4, device="cuda")
+    plans = {e: plan_model(bare_config(tmp_path / str(e), QWEN3, num_experts=e), options) for e in (128, 256)}
+    small, large = plans[128], plans[256]
+    # Only the router's own terms scale with E: its E×H weight, N×E logits and the E×H statistics.
+    assert {k for k in small.device_memory if small.device_memory[k] != large.device_memory[k]} <= {
+        "non-expert weights", "working set", "statistics"}
+    assert large.device_peak - small.device_peak < 0.005 * small.device_peak
+    # whereas the 128 extra experts themselves would have added their full weight
+    assert large.input_bytes - small.input_bytes > 100 * (large.device_peak - small.device_peak)
+
+
+@pytest.mark.parametrize("source, total", [
+    ("mistralai__Mixtral-8x7B-v0.1", 46_702_792_704),
+    ("Qwen__Qwen1.5-MoE-A2.7B", 14_315_784_192),
+    ("Qwen__Qwen3-30B-A3B", 30_532_122_624),
+    ("allenai__OLMoE-1B-7B-0924", 6_919_161_856),
+])
+def test_parameter_count_from_config_alone(tmp_path, source, total):
+    plan = plan_model(bare_config(tmp_path, CONFIGS / f"{source}.json"), RunOptions(ratio=0.5, device="cpu"))
+    assert plan.parameters_before == total
+    assert plan.input_bytes == 2 * total  # bf16 assumed, as the configs declare
+
+
+def test_config_shapes_match_a_saved_checkpoint(tiny_models, family):
+    model = Model.open(tiny_models(family))
+    assert config_tensors(model.spec, model.config, model.weights_dtype) == model.reader.info
+
+
+def test_counts_match_the_checkpoint_and_the_run_output(tiny_models, tmp_path):
+    model_dir = tiny_models("mixtral")
+    options = RunOptions(ratio=0.5, samples=4, seqlen=16, device="cpu")
+    plan = plan_model(model_dir, options)
+    assert plan.source == "checkpoint headers"
+    before = CheckpointReader(model_dir)
+    assert (plan.parameters_before, plan.input_bytes) == (before.num_parameters(), before.nbytes(before.names()))
+    run(model_dir, tmp_path / "out", options)
+    after = CheckpointReader(tmp_path / "out")
+    assert (plan.parameters_after, plan.output_bytes) == (after.num_parameters(), after.nbytes(after.names()))
+    assert plan.disk["output"] == plan.output_bytes
+
+
+def test_cpu_plan_counts_the_working_set_in_host_ram(tmp_path):
+    directory = bare_config(tmp_path, MIXTRAL)
+    cpu = plan_model(directory, RunOptions(ratio=0.5, device="cpu"))
+    assert cpu.compute_dtype == "float32" and "CUDA context" not in cpu.device_memory
+    assert cpu.host_memory["working set"] == cpu.device_memory["working set"]
+
+
+def test_eager_attention_adds_the_score_matrices(tmp_path):
+    spec = ARCHITECTURES["mixtral"]
+    config = AutoConfig.from_pretrained(bare_config(tmp_path, MIXTRAL))
+    tensors = config_tensors(spec, config, torch.bfloat16)
+    options = RunOptions(ratio=0.5, samples=8, seqlen=4096, batch=2, device="cuda")
+    sdpa = estimate(spec, config, tensors, options, "cuda")
+    eager = estimate(spec, config, tensors, options, "cuda", attention="eager")
+    scores = 2 * 32 * 4096**2 * (2 + 4)  # batch × heads × seqlen² in bf16 and their float32 softmax
+    assert eager.device_memory["working set"] >= scores
+    assert sdpa.device_peak < eager.device_peak <= sdpa.device_peak + scores
+
+
+@pytest.mark.parametrize("args, phrase", [
+    (["--ratio", "1.5"], "--ratio 1.5"),
+    (["--ratio", "0.5", "--experts", "4"], "exactly one"),
+    (["--ratio", "0.5", "--device", "tpu!"], "not a device"),
+    (["--ratio", "0.5", "--batch", "0"], "at least 1"),
+])
+def test_bad_options_are_refused(tmp_path, args, phrase):
+    result = CliRunner().invoke(main, ["plan", str(bare_config(tmp_path, MIXTRAL)), *args])
+    assert result.exit_code == 2 and result.output.startswith("error: ") and phrase in result.output, result.output
+
+
+def test_unsupported_and_missing_models_are_refused(tmp_path):
+    result = CliRunner().invoke(main, ["plan", str(tmp_path / "nope"), "--ratio", "0.5"])
+    assert result.exit_code == 2 and "does not exist" in result.output
+    deepseek = tmp_path / "deepseek"
+    deepseek.mkdir()
+    (deepseek / "config.json").write_text(json.dumps({"model_type": "deepseek_v3", "n_routed_experts": 256}))
+    result = CliRunner().invoke(main, ["plan", str(deepseek), "--ratio", "0.5"])
+    assert result.exit_code == 2 and "unsupported model_type 'deepseek_v3'" in result.output, result.output
+
+
+def test_weights_make_a_checkpoint_plan(tiny_models, tmp_path):
+    """With any weight file present the headers are authoritative: a broken checkpoint is refused, not guessed."""
+    model_dir = shutil.copytree(tiny_models("mixtral"), tmp_path / "model")
+    for shard in model_dir.glob("*.safetensors"):
+        shard.write_bytes(b"garbage")
+    result = CliRunner().invoke(main, ["plan", str(model_dir), "--ratio", "0.5"])
+    assert result.exit_code == 2 and "corrupt" in result.output, result.output
