@@ -1,0 +1,128 @@
+"""Damaged input and failing disks: a clear error, a non-zero exit, nothing lost or half-written."""
+
+import errno
+import hashlib
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+import streammerge.checkpoint
+from conftest import tree_hash
+from streammerge.cli import main
+from streammerge.errors import InsufficientResourcesError
+from streammerge.pipeline import RunOptions, run
+
+SMALL = ["--ratio", "0.5", "--samples", "2", "--seqlen", "16", "--device", "cpu"]
+
+
+@pytest.fixture
+def model(tiny_models, tmp_path):
+    return shutil.copytree(tiny_models("mixtral"), tmp_path / "model")
+
+
+def refused(model_dir, out_dir, *phrases, args=SMALL):
+    before = tree_hash(model_dir)
+    result = CliRunner().invoke(main, ["run", str(model_dir), str(out_dir), *map(str, args)])
+    message = result.output.strip()
+    assert result.exit_code not in (0, None), message
+    assert message.startswith("error: ") and "\n" not in message, message
+    for phrase in phrases:
+        assert phrase in message, message
+    assert tree_hash(model_dir) == before
+    assert not out_dir.exists() or not (out_dir / "config.json").exists()
+
+
+def shards(model_dir):
+    return sorted(model_dir.glob("model-*.safetensors"))
+
+
+def test_truncated_shard(model, tmp_path):
+    shard = shards(model)[3]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    refused(model, tmp_path / "out", shard.name, "truncated or corrupt", "re-download")
+
+
+def test_corrupt_shard_header(model, tmp_path):
+    shard = shards(model)[0]
+    shard.write_bytes(b"\xff" * 64 + shard.read_bytes()[64:])
+    refused(model, tmp_path / "out", shard.name, "truncated or corrupt")
+
+
+def test_index_names_a_missing_shard(model, tmp_path):
+    shards(model)[-1].unlink()
+    refused(model, tmp_path / "out", "missing", "re-download")
+
+
+def test_shapes_disagree_with_config(model, tmp_path):
+    config = json.loads((model / "config.json").read_text())
+    config["intermediate_size"] *= 2
+    (model / "config.json").write_text(json.dumps(config))
+    refused(model, tmp_path / "out", "do not match the config")
+
+
+def test_no_tokenizer(model, tmp_path):
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (model / name).unlink()
+    refused(model, tmp_path / "out", "tokenizer")
+
+
+def test_pickle_only_checkpoint_is_refused_with_a_hint(model, tmp_path):
+    for shard in shards(model):
+        shard.unlink()
+    (model / "model.safetensors.index.json").unlink()
+    (model / "pytorch_model.bin").write_bytes(b"not unpickled")
+    refused(model, tmp_path / "out", "never unpickles", "save_pretrained")
+
+
+def test_remote_code_is_never_trusted(model, tmp_path):
+    config = json.loads((model / "config.json").read_text())
+    config.update(model_type="my_moe", auto_map={"AutoModelForCausalLM": "modeling_my_moe.MyMoe"})
+    (model / "config.json").write_text(json.dumps(config))
+    (model / "modeling_my_moe.py").write_text("raise SystemExit('remote code ran')\n")
+    refused(model, tmp_path / "out", "unsupported model_type 'my_moe'")
+
+
+@pytest.mark.parametrize("text, phrase", [("", "empty"), ("short", "windows")])
+def test_calibration_empty_or_too_short(model, tmp_path, text, phrase):
+    calib = tmp_path / "calib.txt"
+    calib.write_text(text)
+    refused(model, tmp_path / "out", phrase, args=[*SMALL, "--calib", calib])
+
+
+def test_calibration_jsonl_without_text_field(model, tmp_path):
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text('{"content": "no text field"}\n')
+    refused(model, tmp_path / "out", "'text' field", args=[*SMALL, "--calib", calib])
+
+
+def test_disk_full_during_a_write_loses_nothing(tiny_models, tmp_path, monkeypatch):
+    model_dir = tiny_models("mixtral")
+    options = RunOptions(ratio=0.5, samples=4, seqlen=16, batch=2, device="cpu")
+    run(model_dir, tmp_path / "clean", options)
+    real_save = streammerge.checkpoint.save_file
+    calls = {"n": 0}
+
+    def save_until_full(tensors, path, metadata=None):
+        calls["n"] += 1
+        if calls["n"] == 9:  # a few chunk and shard writes in, the disk fills up mid-file
+            with open(path, "wb") as f:
+                f.write(b"\0" * 100)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(streammerge.checkpoint, "save_file", save_until_full)
+    out = tmp_path / "out"
+    with pytest.raises(InsufficientResourcesError, match="disk full while writing .*re-run the same command"):
+        run(model_dir, out, options)
+    assert not list(out.rglob("*.tmp")) and not (out / "config.json").exists()
+    monkeypatch.setattr(streammerge.checkpoint, "save_file", real_save)
+    run(model_dir, out, options)
+
+    def digest(directory):
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(directory.glob("*")) if p.suffix == ".safetensors" or p.name.endswith("json")
+                and p.name != "streammerge.json"}
+
+    assert digest(out) == digest(tmp_path / "clean")
