@@ -37,16 +37,24 @@ def read_documents(path: Path) -> list[str]:
     return documents
 
 
+def token_stream(tokenizer, path: Path, limit: int | None = None) -> list[int]:
+    """The documents' tokens joined by EOS, stopping once `limit` tokens are read."""
+    stream: list[int] = []
+    for document in read_documents(path):
+        if limit is not None and len(stream) >= limit:
+            break
+        stream.extend(tokenizer(document, add_special_tokens=False)["input_ids"])
+        if tokenizer.eos_token_id is not None:
+            stream.append(tokenizer.eos_token_id)
+    return stream
+
+
 def sample_windows(tokenizer, path: Path, samples: int, seqlen: int, seed: int) -> torch.Tensor:
     """`samples` windows of `seqlen` tokens, cut from the documents joined by EOS and picked by `seed`.
 
     Windows are full length, so there is no padding and every token counts in the statistics.
     """
-    stream: list[int] = []
-    for document in read_documents(path):
-        stream.extend(tokenizer(document, add_special_tokens=False)["input_ids"])
-        if tokenizer.eos_token_id is not None:
-            stream.append(tokenizer.eos_token_id)
+    stream = token_stream(tokenizer, path)
     windows = len(stream) // seqlen
     if windows < samples:
         raise InputError(

@@ -14,6 +14,7 @@ from .calibration import DEFAULT_TEXT
 from .cluster import LINKAGES, METRICS
 from .errors import Interrupted, StreamMergeError
 from .merge import MERGES, ROUTERS
+from .pipeline import FEATURES, METHODS, PROPAGATIONS, RunOptions, run as run_pipeline
 
 log = logging.getLogger("streammerge")
 
@@ -51,13 +52,22 @@ def run_options(command):
         click.option("--seqlen", type=int, default=512, show_default=True, help="Tokens per window."),
         click.option("--batch", type=int, default=4, show_default=True,
                      help="Windows per chunk: one chunk of hidden states is in memory at a time."),
+        click.option("--method", type=click.Choice(METHODS), default="hcsmoe", show_default=True,
+                     help="hcsmoe: merge clustered experts; prune-freq / prune-reap: drop the least used / least "
+                          "salient; auto: per layer, whichever has the lowest MoE-block error on held-aside tokens."),
+        click.option("--feature", type=click.Choice(FEATURES), default="mean-output", show_default=True,
+                     help="What clustering compares: each expert's mean output (HC-SMoE), or the mean distance "
+                          "between two experts' outputs token by token."),
         click.option("--linkage", type=click.Choice(LINKAGES), default="average", show_default=True),
         click.option("--metric", type=click.Choice(METRICS), default="euclidean", show_default=True,
                      help="Distance between expert features."),
         click.option("--merge", type=click.Choice(MERGES), default="freq", show_default=True,
                      help="freq: usage-frequency-weighted average (HC-SMoE); avg: plain average."),
         click.option("--router", type=click.Choice(ROUTERS), default="dominant", show_default=True,
-                     help="Router row of a merged expert."),
+                     help="Router row of a merged expert: most-used member's, frequency-weighted mean, least-squares "
+                          "fit of the members' log-sum-exp, or fitted to the original router's group mass (KL)."),
+        click.option("--propagate", type=click.Choice(PROPAGATIONS), default="original", show_default=True,
+                     help="Next layer's calibration inputs: the original layer's outputs or the compressed one's."),
         click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda, cuda:N."),
         click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
                      show_default=True, help="Compute dtype; auto: float32 on CPU, the weights' dtype on GPU."),
@@ -72,10 +82,11 @@ def run_options(command):
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.argument("out_dir", type=click.Path(path_type=Path))
 @run_options
+@click.option("--eval-text", type=click.Path(path_type=Path),
+              help="Held-out text: report perplexity of the input and the output on it.")
 @click.option("--restart", is_flag=True, help="Discard an unfinished or different run in OUT_DIR (only files streammerge made).")
 def run(model_dir: Path, out_dir: Path, **kwargs) -> None:
     """Merge the experts of MODEL_DIR into a smaller checkpoint in OUT_DIR (resumes an interrupted run)."""
-    from .pipeline import RunOptions, run as run_pipeline
 
     try:
         with logging_redirect_tqdm():
@@ -92,6 +103,14 @@ def run(model_dir: Path, out_dir: Path, **kwargs) -> None:
         f"  size        {_human(size[0])} -> {_human(size[1])}\n"
         f"  time        {summary['seconds']} s"
     )
+    errors = summary["block_errors"]
+    if errors:
+        click.echo(f"  block error {' '.join(f'{e:.3f}' for e in errors.values())} "
+                   f"(relative MoE output error per MoE layer, mean {sum(errors.values()) / len(errors):.3f})")
+    if summary["perplexity"]:
+        ppl = summary["perplexity"]
+        click.echo(f"  perplexity  {ppl['before']:.3f} -> {ppl['after']:.3f} on {ppl['text']} "
+                   f"({ppl['after'] / ppl['before']:.3f}x)")
 
 
 @main.command()

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .calibration import HiddenStates, read_documents
+from .calibration import HiddenStates, token_stream
 from .errors import CheckpointError, InputError
 from .model import Model
 from .pipeline import resolve_device, resolve_dtype
@@ -37,13 +37,7 @@ def token_windows(tokenizer, path: Path, tokens: int, seqlen: int) -> torch.Tens
     path = Path(path)
     if not path.is_file():
         raise InputError(f"text file {path} does not exist: pass an existing text or JSONL file to --text")
-    stream: list[int] = []
-    for document in read_documents(path):
-        if len(stream) >= tokens:
-            break
-        stream.extend(tokenizer(document, add_special_tokens=False)["input_ids"])
-        if tokenizer.eos_token_id is not None:
-            stream.append(tokenizer.eos_token_id)
+    stream = token_stream(tokenizer, path, limit=tokens)
     if len(stream) < seqlen:
         raise InputError(
             f"text {path} has {len(stream)} tokens, less than one window of --seqlen {seqlen}: "

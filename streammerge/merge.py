@@ -1,33 +1,90 @@
-"""Merging a layer's expert weights and router rows, cluster by cluster (pure math, no IO)."""
+"""Merging a layer's expert weights and router rows, group by group (pure math, no IO).
+
+A layer's plan is a list of groups of original experts; each group becomes one expert of the output.
+Merging gives groups that cover every expert; pruning gives singletons of the kept experts.
+"""
 
 from __future__ import annotations
 
 import torch
 
 MERGES = ("freq", "avg")
-ROUTERS = ("dominant",)
+ROUTERS = ("dominant", "freqavg", "lsefit", "kl")
 
 
 def member_weights(members: list[int], frequencies: torch.Tensor, merge: str) -> torch.Tensor:
-    """Averaging weights of a cluster's members: usage frequency (HC-SMoE `freq`) or uniform."""
-    if merge == "avg":
-        return torch.full((len(members),), 1.0 / len(members), dtype=torch.float64)
+    """Averaging weights of a group's members: usage frequency (HC-SMoE `freq`) or uniform."""
     freq = frequencies[members].double()
-    if freq.sum() == 0:  # no member was ever selected: nothing to weight by
+    if merge == "avg" or freq.sum() == 0:  # a group no token ever chose has nothing to weight by
         return torch.full((len(members),), 1.0 / len(members), dtype=torch.float64)
     return freq / freq.sum()
 
 
 def merge_tensors(tensors: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
     """Weighted element-wise average in float32, returned in the inputs' dtype."""
+    if len(tensors) == 1:
+        return tensors[0]
     merged = torch.zeros(tensors[0].shape, dtype=torch.float32)
     for tensor, weight in zip(tensors, weights.tolist()):
         merged += tensor.float() * weight
     return merged.to(tensors[0].dtype)
 
 
-def router_rows(router: torch.Tensor, clusters: list[list[int]], frequencies: torch.Tensor,
-                method: str = "dominant") -> torch.Tensor:
-    """One router row per cluster; `dominant` takes the most-used member's row."""
-    rows = [router[max(members, key=lambda e: (frequencies[e].item(), -e))] for members in clusters]
-    return torch.stack(rows).contiguous()
+def group_mass(logits: torch.Tensor, groups: list[list[int]]) -> torch.Tensor:
+    """Each group's share of the router's softmax mass [N, K], renormalized over the kept experts."""
+    probs = torch.softmax(logits.double(), dim=-1)
+    mass = torch.stack([probs[:, g].sum(-1) for g in groups], dim=-1)
+    return mass / mass.sum(-1, keepdim=True)
+
+
+def router_rows(router: torch.Tensor, groups: list[list[int]], frequencies: torch.Tensor,
+                method: str, inputs: torch.Tensor | None = None, ridge: float = 1e-3) -> torch.Tensor:
+    """One router row per group; a singleton keeps its own row whatever the method.
+
+    - `dominant`: the most-used member's row;
+    - `freqavg`: the frequency-weighted mean of the members' rows;
+    - `lsefit`: least squares on calibration router inputs `inputs` [N, H] of the log-sum-exp of the
+      members' logits (the log of the group's softmax mass, up to a per-token constant that the softmax
+      ignores), ridge-pulled towards `freqavg` because N may be below H;
+    - `kl`: starts from `lsefit` and minimizes KL(group mass of the original router || softmax of the
+      new router) on `inputs`, so the reduced router reproduces how the original splits its mass.
+    The routers in the table have no bias, so none is fitted.
+    """
+    rows = []
+    for members in groups:
+        if len(members) == 1 or method == "dominant":
+            rows.append(router[max(members, key=lambda e: (frequencies[e].item(), -e))].float())
+        else:
+            rows.append((router[members].float() * member_weights(members, frequencies, "freq")[:, None].float()).sum(0))
+    rows = torch.stack(rows)
+    if method in ("lsefit", "kl") and any(len(g) > 1 for g in groups):
+        rows = _fit(router.float(), groups, rows, inputs.float(), method, ridge)
+    return rows.to(router.dtype).contiguous()
+
+
+def _fit(router, groups, start, x, method, ridge):
+    logits = x @ router.T
+    gram = x.T @ x / len(x)
+    scale = ridge * gram.diagonal().mean()
+    system = gram + scale * torch.eye(gram.shape[0])
+    rows = start.clone()
+    for k, members in enumerate(groups):
+        if len(members) > 1:
+            target = torch.logsumexp(logits[:, members], dim=-1)
+            rows[k] = torch.linalg.solve(system, x.T @ target / len(x) + scale * start[k])
+    if method == "lsefit":
+        return rows
+    mass = group_mass(logits, groups).float()
+    rows = rows.clone().requires_grad_(True)
+    optimizer = torch.optim.LBFGS([rows], max_iter=200, line_search_fn="strong_wolfe")
+
+    def loss_fn():
+        optimizer.zero_grad()
+        log_q = torch.log_softmax(x @ rows.T, dim=-1)
+        loss = -(mass * log_q).sum(-1).mean() + scale * ((rows - start) ** 2).sum() / 2
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(loss_fn)
+    return rows.detach()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import shutil
 import time
@@ -16,15 +17,19 @@ from . import __version__
 from .arch import GLOBAL_TENSORS, ArchSpec
 from .calibration import DEFAULT_TEXT, HiddenStates, sample_windows
 from .checkpoint import INDEX_NAME, CheckpointReader, save_json, save_shard, sha256_file
-from .cluster import cluster_experts
+from .cluster import cluster_experts, prune_experts
 from .errors import CheckpointError, InputError, Interrupted
 from .journal import PROVENANCE, Journal
 from .merge import member_weights, merge_tensors, router_rows
 from .model import Model
-from .runner import LayerRunner
+from .runner import LayerRunner, reduced_config
 from .statistics import ExpertStatistics
 
 log = logging.getLogger(__name__)
+METHODS = ("hcsmoe", "prune-freq", "prune-reap", "auto")
+FEATURES = ("mean-output", "token-distance")
+PROPAGATIONS = ("original", "merged")
+SAMPLED_TOKENS_PER_CHUNK = 64
 
 
 @dataclass(frozen=True)
@@ -35,10 +40,14 @@ class RunOptions:
     samples: int = 32
     seqlen: int = 512
     batch: int = 4
+    method: str = "hcsmoe"
+    feature: str = "mean-output"
     linkage: str = "average"
     metric: str = "euclidean"
     merge: str = "freq"
     router: str = "dominant"
+    propagate: str = "original"
+    eval_text: Path | None = None
     device: str = "auto"
     dtype: str = "auto"
     seed: int = 0
@@ -103,7 +112,8 @@ class Run:
         self.runner = LayerRunner(self.spec, self.config, self.device, self.dtype)
 
     def signature_fields(self) -> dict:
-        options = {k: str(v) for k, v in asdict(self.options).items() if k not in ("restart", "calib", "ratio", "experts")}
+        ignored = ("restart", "calib", "ratio", "experts", "eval_text")
+        options = {k: str(v) for k, v in asdict(self.options).items() if k not in ignored}
         return {
             "input": self.model.fingerprint,
             "experts_kept": self.k,
@@ -130,20 +140,20 @@ class Run:
             store.write(c, torch.nn.functional.embedding(ids, table).to(self.dtype))
 
     def process(self, layer: int) -> dict:
-        names = self.model.layer_names(layer)
-        tensors = self.model.reader.read(names)
+        tensors = self.model.reader.read(self.model.layer_names(layer))
         module = self.runner.build(layer, tensors)
         source, target = self.hidden(layer), self.hidden(layer + 1)
         record = {"layer": layer, "shard": shard_name(layer, self.total_shards)}
         if layer in self.moe_layers:
-            stats = self.measure(layer, module, source, target)
-            out, summary = self.compress(layer, tensors, stats)
+            stats, held = self.measure(layer, module, source, target)
+            del module
+            out, summary = self.compress(layer, tensors, stats, held)
             record.update(summary)
+            if self.options.propagate == "merged":
+                self.propagate(layer, self.runner.build(layer, out, reduced_config(self.spec, self.config, self.k)))
         else:
-            for c in range(len(self.chunks)):
-                target.write(c, self.runner.forward(module, layer, source.read(c, self.device)))
+            self.propagate(layer, module)
             out = dict(tensors)
-        del module
         path = self.out_dir / record["shard"]
         save_shard(path, out)
         record["bytes"] = path.stat().st_size
@@ -152,44 +162,110 @@ class Run:
         record["tensor_bytes"] = sum(t.numel() * t.element_size() for t in out.values())
         return record
 
+    def propagate(self, layer: int, module) -> None:
+        source, target = self.hidden(layer), self.hidden(layer + 1)
+        for c in range(len(self.chunks)):
+            target.write(c, self.runner.forward(module, layer, source.read(c, self.device)))
+
     @torch.no_grad()
-    def measure(self, layer: int, module, source: HiddenStates, target: HiddenStates) -> ExpertStatistics:
-        """One pass over the chunks: the layer's outputs for the next layer, and the expert statistics."""
+    def measure(self, layer: int, module, source: HiddenStates, target: HiddenStates):
+        """One pass over the chunks: the layer's outputs for the next layer, the expert statistics, and
+        the MoE block's inputs and outputs on the last chunk, against which compressed blocks are scored.
+
+        With `--method auto` that chunk is held aside from the statistics, so the choice is judged on
+        tokens it was not made from.
+        """
         stats = ExpertStatistics(self.num_experts, self.config.hidden_size)
+        scored = len(self.chunks) - 1
+        held_aside = self.options.method == "auto" and len(self.chunks) > 1
+        current, block, sampled = {}, {}, []
 
         def observe(expert, x, y, top_k_index, top_k_weights):
+            if held_aside and current["chunk"] == scored:
+                return
+            rows = slice(None, None, max(1, x.shape[0] // SAMPLED_TOKENS_PER_CHUNK))
             if expert == 0:
                 stats.add_routing(top_k_index)
             stats.add_expert(expert, y, top_k_index, top_k_weights)
+            sampled.append(y[rows])
+            if expert == self.num_experts - 1:
+                stats.add_sample(x[rows], torch.stack(sampled))
+                sampled.clear()
 
+        hooks = [module.mlp.register_forward_pre_hook(lambda _, args: block.update(x=args[0])),
+                 module.mlp.register_forward_hook(lambda _, args, out: block.update(y=out))]
         module.mlp.experts.observer = observe
-        for c in tqdm(range(len(self.chunks)), desc=f"layer {layer} statistics", leave=False, disable=None):
-            target.write(c, self.runner.forward(module, layer, source.read(c, self.device)))
-        module.mlp.experts.observer = None
-        return stats
+        try:
+            for c in tqdm(range(len(self.chunks)), desc=f"layer {layer} statistics", leave=False, disable=None):
+                current["chunk"] = c
+                out = self.runner.forward(module, layer, source.read(c, self.device))
+                if self.options.propagate == "original":
+                    target.write(c, out)
+        finally:
+            module.mlp.experts.observer = None
+            for hook in hooks:
+                hook.remove()
+        hidden = self.config.hidden_size
+        held = (block["x"].reshape(-1, hidden), block["y"].reshape(-1, hidden))
+        return stats, held
 
-    def compress(self, layer: int, tensors: dict, stats: ExpertStatistics) -> tuple[dict, dict]:
-        """The layer's output tensors, under the input's names, with K merged experts."""
+    def candidates(self, stats: ExpertStatistics) -> dict[str, list[list[int]]]:
         opts = self.options
-        clusters = cluster_experts(stats.mean_output.numpy(), self.k, opts.linkage, opts.metric)
-        frequencies = stats.frequencies
-        spec = self.spec
-        routed = {spec.router_name(layer)} | {n for e in range(self.num_experts) for n in spec.expert_names(layer, e)}
-        out = {name: t for name, t in tensors.items() if name not in routed}
-        out[spec.router_name(layer)] = router_rows(tensors[spec.router_name(layer)], clusters, frequencies, opts.router)
-        for k, members in enumerate(clusters):
-            weights = member_weights(members, frequencies, opts.merge)
-            for projection in spec.projections:
-                sources = [tensors[spec.expert_name(layer, e, projection)] for e in members]
-                out[spec.expert_name(layer, k, projection)] = merge_tensors(sources, weights)
+        wanted = ("hcsmoe", "prune-freq", "prune-reap") if opts.method == "auto" else (opts.method,)
+        groups = {}
+        for method in wanted:
+            if method == "prune-freq":
+                groups[method] = prune_experts(stats.counts, self.k)
+            elif method == "prune-reap":
+                groups[method] = prune_experts(stats.reap, self.k)
+            elif opts.feature == "token-distance":
+                groups[method] = cluster_experts(self.k, opts.linkage, distances=stats.token_distance.numpy())
+            else:
+                groups[method] = cluster_experts(self.k, opts.linkage, opts.metric, features=stats.mean_output.numpy())
+        return groups
+
+    def compress(self, layer: int, tensors: dict, stats: ExpertStatistics, held) -> tuple[dict, dict]:
+        """The layer's output tensors under the input's names, from the candidate with the lowest MoE-block
+        error on the scored tokens (the only candidate unless `--method auto`)."""
+        scored = {}
+        for method, groups in self.candidates(stats).items():
+            out = self.layer_tensors(layer, tensors, groups, stats)
+            scored[method] = (self.block_error(layer, out, held), groups, out)
+        method = min(scored, key=lambda m: scored[m][0])
+        error, groups, out = scored[method]
         summary = {
-            "clusters": clusters,
-            "frequencies": [round(f, 6) for f in frequencies.tolist()],
+            "method": method,
+            "groups": groups,
+            "error": round(error, 6),
+            "errors": {m: round(e, 6) for m, (e, _, _) in scored.items()},
+            "frequencies": [round(f, 6) for f in stats.frequencies.tolist()],
             "tokens": stats.tokens,
         }
         return out, summary
 
-    def finalize(self, records: list[dict], started: float) -> dict:
+    def layer_tensors(self, layer: int, tensors: dict, groups: list[list[int]], stats: ExpertStatistics) -> dict:
+        spec, opts = self.spec, self.options
+        routed = {spec.router_name(layer)} | {n for e in range(self.num_experts) for n in spec.expert_names(layer, e)}
+        out = {name: t for name, t in tensors.items() if name not in routed}
+        router = tensors[spec.router_name(layer)]
+        out[spec.router_name(layer)] = router_rows(router, groups, stats.frequencies, opts.router,
+                                                   stats.router_inputs if opts.router in ("lsefit", "kl") else None)
+        for k, members in enumerate(groups):
+            weights = member_weights(members, stats.frequencies, opts.merge)
+            for projection in spec.projections:
+                sources = [tensors[spec.expert_name(layer, e, projection)] for e in members]
+                out[spec.expert_name(layer, k, projection)] = merge_tensors(sources, weights)
+        return out
+
+    @torch.no_grad()
+    def block_error(self, layer: int, out: dict, held) -> float:
+        """Relative error ||y' - y|| / ||y|| of the compressed MoE block's output on the scored tokens."""
+        x, expected = held
+        module = self.runner.build(layer, out, reduced_config(self.spec, self.config, self.k))
+        got = module.mlp(x.unsqueeze(0)).reshape(expected.shape)
+        return ((got - expected).double().norm() / expected.double().norm()).item()
+
+    def finalize(self, records: list[dict]) -> None:
         """Write the non-layer shard, copies, provenance and card, then the index and config last."""
         reader = self.model.reader
         globals_shard = shard_name(self.num_layers, self.total_shards)
@@ -212,14 +288,14 @@ class Run:
             "signature": fields["signature"],
             "fields": fields["fields"],
             "files": fields["files"],
-            "layers": [{k: r[k] for k in ("layer", "clusters", "frequencies") if k in r} for r in records],
+            "layers": [{k: r[k] for k in ("layer", "method", "groups", "error", "errors", "frequencies") if k in r}
+                       for r in records],
         }
         save_json(self.out_dir / PROVENANCE, provenance)
         (self.out_dir / "README.md").write_text(self.model_card(provenance))
         save_json(self.out_dir / INDEX_NAME, {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))})
         save_json(self.out_dir / "config.json", self.model.reduced_config_dict(self.k))
         self.journal.close()
-        return self.summary(started)
 
     def model_card(self, provenance: dict) -> str:
         o = self.options
@@ -239,12 +315,15 @@ class Run:
     def summary(self, started: float) -> dict:
         before = self.model.reader
         after = CheckpointReader(self.out_dir)
+        provenance = json.loads((self.out_dir / PROVENANCE).read_text())
         return {
             "experts": f"{self.num_experts} -> {self.k} per MoE layer ({len(self.moe_layers)} layers)",
             "parameters": (before.num_parameters(), after.num_parameters()),
             "bytes": (before.nbytes(before.names()), after.nbytes(after.names())),
             "seconds": round(time.monotonic() - started, 1),
             "peak_weight_bytes": before.peak_live_bytes,
+            "block_errors": {r["layer"]: r["error"] for r in provenance["layers"] if "error" in r},
+            "perplexity": provenance.get("perplexity"),
         }
 
 
@@ -259,13 +338,29 @@ def run(model_dir: Path, out_dir: Path, options: RunOptions) -> dict:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logging.getLogger("streammerge").addHandler(handler)
     try:
-        return _loop(state, started)
+        _loop(state)
+        if options.eval_text is not None:
+            record_perplexity(Path(model_dir), state.out_dir, options)
+        return state.summary(started)
     finally:
         logging.getLogger("streammerge").removeHandler(handler)
         handler.close()
 
 
-def _loop(state: Run, started: float) -> dict:
+def record_perplexity(model_dir: Path, out_dir: Path, options: RunOptions) -> None:
+    """Perplexity of the input and the output on `--eval-text`, added to the provenance."""
+    from .evaluate import perplexity  # evaluate imports this module
+
+    result = {}
+    for name, directory in (("before", model_dir), ("after", out_dir)):
+        log.info("perplexity of the %s model on %s", "input" if name == "before" else "output", options.eval_text)
+        result[name] = round(perplexity(directory, options.eval_text, device=options.device, dtype=options.dtype)["perplexity"], 4)
+    provenance = json.loads((out_dir / PROVENANCE).read_text())
+    provenance["perplexity"] = {"text": Path(options.eval_text).name, **result}
+    save_json(out_dir / PROVENANCE, provenance)
+
+
+def _loop(state: Run) -> None:
     records = state.journal.finished(state.num_layers)
     first = len(records)
     if first:
@@ -282,10 +377,11 @@ def _loop(state: Run, started: float) -> dict:
             state.journal.commit(record)
             state.hidden(layer).remove()
             records.append(record)
-            if "clusters" in record:
-                log.info("layer %d: %d -> %d experts, clusters %s", layer, state.num_experts, state.k, record["clusters"])
+            if "groups" in record:
+                log.info("layer %d: %s, %d -> %d experts, block error %.4f, groups %s", layer, record["method"],
+                         state.num_experts, state.k, record["error"], record["groups"])
     except KeyboardInterrupt:
         raise Interrupted(
             f"interrupted during layer {layer}; finished layers are saved: re-run the same command to resume"
         ) from None
-    return state.finalize(records, started)
+    state.finalize(records)

@@ -124,12 +124,20 @@ class ExpertStream(nn.Module):
         return self.one(x, index, weight)
 
     def forward(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        """Observed: every expert on every token (the statistics need them all). Otherwise only the
+        tokens routed to each expert, as inference does."""
         combined = torch.zeros_like(x)
         for expert in range(len(self.experts)):
+            chosen = top_k_index == expert
+            if self.observer is None:
+                rows = chosen.any(-1).nonzero().squeeze(-1)
+                if rows.numel():
+                    gate = (top_k_weights[rows] * chosen[rows]).sum(-1, keepdim=True)
+                    combined.index_add_(0, rows, (self.output(expert, x[rows]) * gate).to(combined.dtype))
+                continue
             y = self.output(expert, x)
-            if self.observer is not None:
-                self.observer(expert, x, y, top_k_index, top_k_weights)
-            gate = (top_k_weights * (top_k_index == expert)).sum(-1, keepdim=True)
+            self.observer(expert, x, y, top_k_index, top_k_weights)
+            gate = (top_k_weights * chosen).sum(-1, keepdim=True)
             combined += (y * gate).to(combined.dtype)
         return combined
 

@@ -11,11 +11,17 @@ class ExpertStatistics:
     - `mean_output`: every expert's output averaged over all tokens, routed or not (the HC-SMoE feature);
     - `counts`: how often each expert is among the model's top-k (usage frequency);
     - `reap`: REAP saliency, the mean over tokens routed to an expert of its renormalized router weight
-      times the norm of its output.
+      times the norm of its output;
+    - `token_distance`: the mean over sampled tokens of the distance between two experts' outputs on the
+      same token, which the mean output can hide (two experts can agree on average and differ per token);
+    - `router_inputs`: the sampled tokens' MoE inputs, for fitting a reduced router.
     """
 
     def __init__(self, num_experts: int, hidden_size: int):
         self.tokens = 0
+        self.sampled = 0
+        self.distance_sum = torch.zeros(num_experts, num_experts, dtype=torch.float64)
+        self.inputs: list[torch.Tensor] = []
         self.output_sum = torch.zeros(num_experts, hidden_size, dtype=torch.float64)
         self.counts = torch.zeros(num_experts, dtype=torch.int64)
         self.reap_sum = torch.zeros(num_experts, dtype=torch.float64)
@@ -32,6 +38,20 @@ class ExpertStatistics:
         weights = top_k_weights.double()
         gate = (weights * chosen).sum(-1) / weights.sum(-1)
         self.reap_sum[expert] += (gate[routed] * output[routed].double().norm(dim=-1)).sum().cpu()
+
+    def add_sample(self, x: torch.Tensor, outputs: torch.Tensor) -> None:
+        """`x` [n, H]: sampled MoE inputs; `outputs` [E, n, H]: every expert's output on them."""
+        self.sampled += x.shape[0]
+        self.inputs.append(x.float().cpu())
+        self.distance_sum += torch.cdist(outputs.transpose(0, 1).double(), outputs.transpose(0, 1).double()).sum(0).cpu()
+
+    @property
+    def token_distance(self) -> torch.Tensor:
+        return self.distance_sum / max(self.sampled, 1)
+
+    @property
+    def router_inputs(self) -> torch.Tensor:
+        return torch.cat(self.inputs)
 
     @property
     def mean_output(self) -> torch.Tensor:

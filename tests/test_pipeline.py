@@ -45,14 +45,14 @@ def test_matches_in_memory_reference(tiny_models, compressed, family):
     k = provenance["experts_after"]
     reference = hcsmoe(model_dir, tokens, k)
     _, merged = _tensors(out)
-    assert [layer["layer"] for layer in provenance["layers"] if "clusters" in layer] == sorted(reference)
+    assert [layer["layer"] for layer in provenance["layers"] if "groups" in layer] == sorted(reference)
     for layer in provenance["layers"]:
         expected = reference[layer["layer"]]
-        assert sorted(layer["clusters"]) == sorted(expected["clusters"])
+        assert sorted(layer["groups"]) == sorted(expected["clusters"])
         frequencies = expected["counts"].double() / expected["counts"].sum()
         assert np.allclose(layer["frequencies"], frequencies.numpy(), atol=1e-6)
         reference_merged = dict(zip(map(tuple, expected["clusters"]), expected["merged"]))
-        for new_index, members in enumerate(layer["clusters"]):
+        for new_index, members in enumerate(layer["groups"]):
             for projection, ref in zip(spec.projections, reference_merged[tuple(members)]):
                 got = merged[spec.expert_name(layer["layer"], new_index, projection)]
 
@@ -66,7 +66,7 @@ def test_streamed_statistics_equal_reference(tiny_models, family, tmp_path):
     state.embed()
     layer = min(state.moe_layers)
     module = state.runner.build(layer, state.model.reader.read(state.model.layer_names(layer)))
-    stats = state.measure(layer, module, state.hidden(layer), state.hidden(layer + 1))
+    stats, _ = state.measure(layer, module, state.hidden(layer), state.hidden(layer + 1))
     reference = hcsmoe(model_dir, state.tokens, state.k)[layer]
     assert torch.equal(stats.counts, reference["counts"])
     assert np.allclose(stats.mean_output.numpy(), reference["mean_outputs"], atol=1e-6)

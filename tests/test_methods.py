@@ -1,0 +1,54 @@
+"""Every method and router writes a strictly loadable checkpoint; keeping all experts changes nothing."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from streammerge.merge import ROUTERS
+from streammerge.pipeline import METHODS, RunOptions, run
+
+SMALL = dict(samples=4, seqlen=32, batch=2, device="cpu")
+
+
+def load_strictly(directory):
+    model, info = AutoModelForCausalLM.from_pretrained(directory, output_loading_info=True)
+    assert not any(info.values()), info
+    return model.eval()
+
+
+# Pruning keeps the original router rows whatever --router says, so one router suffices there.
+COMBINATIONS = [(m, r) for m in METHODS for r in ROUTERS if not m.startswith("prune") or r == "dominant"]
+
+
+@pytest.mark.parametrize("method, router", COMBINATIONS)
+def test_every_method_and_router_loads_strictly(tiny_models, tmp_path, method, router):
+    out = tmp_path / "out"
+    run(tiny_models("qwen2_moe"), out, RunOptions(ratio=0.5, method=method, router=router, **SMALL))
+    model = load_strictly(out)
+    provenance = json.loads((out / "streammerge.json").read_text())
+    assert all(layer["method"] in METHODS for layer in provenance["layers"])
+    assert model.model.layers[0].mlp.gate.weight.shape[0] == 30
+    assert torch.isfinite(model(torch.tensor([[5, 6, 7]])).logits).all()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_keeping_every_expert_reproduces_the_original_logits(tiny_models, tmp_path, method):
+    model_dir = tiny_models("mixtral")
+    out = tmp_path / "out"
+    run(model_dir, out, RunOptions(experts=8, method=method, router="kl", propagate="merged", **SMALL))
+    tokens = torch.randint(3, 300, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = load_strictly(model_dir)(tokens).logits
+        got = load_strictly(out)(tokens).logits
+    assert torch.equal(got, expected)
+
+
+def test_token_distance_feature_and_merged_propagation(tiny_models, tmp_path):
+    out = tmp_path / "out"
+    run(tiny_models("olmoe"), out, RunOptions(ratio=0.25, feature="token-distance", propagate="merged", **SMALL))
+    load_strictly(out)
+    layers = json.loads((out / "streammerge.json").read_text())["layers"]
+    assert all(len(layer["groups"]) == 48 for layer in layers)
+    assert sorted(e for g in layers[0]["groups"] for e in g) == list(range(64))
