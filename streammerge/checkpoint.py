@@ -6,13 +6,15 @@ import errno
 import hashlib
 import json
 import os
+import struct
 import weakref
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from .errors import CheckpointError, InsufficientResourcesError
 
@@ -23,6 +25,7 @@ _DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
+_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 
 
 class CheckpointReader:
@@ -151,17 +154,53 @@ def atomic_write(path: Path, write) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except OSError as exc:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise InsufficientResourcesError(
                 f"disk full while writing {path}: free space on {path.parent} and re-run the same command to resume"
             ) from exc
         raise
 
 
-def save_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+@dataclass(frozen=True)
+class Deferred:
+    """A tensor computed only when it is written or used, so a layer's merged experts never all exist at once."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    make: Callable[[], torch.Tensor]
+
+
+def materialize(tensor) -> torch.Tensor:
+    return tensor.make() if isinstance(tensor, Deferred) else tensor
+
+
+def save_shard(path: Path, tensors: dict[str, "torch.Tensor | Deferred"]) -> None:
+    """Write a safetensors file tensor by tensor, byte-identical to `safetensors.torch.save_file`.
+
+    safetensors has no streaming writer; this one writes the same layout (tensors ordered by dtype
+    size then name, compact JSON header padded to 8 bytes) while computing `Deferred` tensors one at a
+    time, so a layer's output costs one tensor of memory, not the layer.
+    """
+    entries = sorted(tensors.items(), key=lambda item: (-item[1].dtype.itemsize, item[0]))
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, tensor in entries:
+        size = _numel(tensor.shape) * tensor.dtype.itemsize
+        header[name] = {"dtype": _NAMES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(encoded)))
+            f.write(encoded)
+            for _, tensor in entries:
+                data = materialize(tensor).detach().to("cpu").contiguous()
+                f.write(data.reshape(-1).view(torch.uint8).numpy().data if data.numel() else b"")
+
+    atomic_write(path, write)
 
 
 def save_json(path: Path, obj) -> None:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import shutil
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -16,7 +18,7 @@ from tqdm import tqdm
 from . import __version__
 from .arch import GLOBAL_TENSORS, ArchSpec
 from .calibration import DEFAULT_TEXT, HiddenStates, sample_windows
-from .checkpoint import INDEX_NAME, CheckpointReader, save_json, save_shard, sha256_file
+from .checkpoint import INDEX_NAME, CheckpointReader, Deferred, save_json, save_shard, sha256_file
 from .cluster import cluster_experts, prune_experts
 from .errors import CheckpointError, InputError, Interrupted
 from .journal import PROVENANCE, Journal
@@ -159,7 +161,7 @@ class Run:
         record["bytes"] = path.stat().st_size
         record["sha256"] = sha256_file(path)
         record["tensors"] = sorted(out)
-        record["tensor_bytes"] = sum(t.numel() * t.element_size() for t in out.values())
+        record["tensor_bytes"] = sum(t.dtype.itemsize * math.prod(t.shape) for t in out.values())
         return record
 
     def propagate(self, layer: int, module) -> None:
@@ -254,7 +256,9 @@ class Run:
             weights = member_weights(members, stats.frequencies, opts.merge)
             for projection in spec.projections:
                 sources = [tensors[spec.expert_name(layer, e, projection)] for e in members]
-                out[spec.expert_name(layer, k, projection)] = merge_tensors(sources, weights)
+                merged = sources[0] if len(sources) == 1 else Deferred(
+                    tuple(sources[0].shape), sources[0].dtype, partial(merge_tensors, sources, weights))
+                out[spec.expert_name(layer, k, projection)] = merged
         return out
 
     @torch.no_grad()

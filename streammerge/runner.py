@@ -9,6 +9,7 @@ from torch import nn
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from .arch import ArchSpec
+from .checkpoint import materialize
 from .errors import CheckpointError
 
 
@@ -117,7 +118,8 @@ class ExpertStream(nn.Module):
 
     def output(self, expert: int, x: torch.Tensor) -> torch.Tensor:
         """Expert `expert` applied to every row of `x` [N, H]."""
-        state = {k: t.to(device=self.device, dtype=self.dtype) for k, t in self._state(*self.experts[expert]).items()}
+        weights = (materialize(t) for t in self.experts[expert])
+        state = {k: t.to(device=self.device, dtype=self.dtype) for k, t in self._state(*weights).items()}
         self.one.load_state_dict(state, strict=True, assign=True)
         index = torch.zeros((x.shape[0], 1), device=x.device, dtype=torch.long)
         weight = torch.ones((x.shape[0], 1), device=x.device, dtype=x.dtype)

@@ -101,23 +101,21 @@ def test_disk_full_during_a_write_loses_nothing(tiny_models, tmp_path, monkeypat
     model_dir = tiny_models("mixtral")
     options = RunOptions(ratio=0.5, samples=4, seqlen=16, batch=2, device="cpu")
     run(model_dir, tmp_path / "clean", options)
-    real_save = streammerge.checkpoint.save_file
+    real_materialize = streammerge.checkpoint.materialize
     calls = {"n": 0}
 
-    def save_until_full(tensors, path, metadata=None):
+    def fill_disk_midway(tensor):  # called per tensor while a file is being written
         calls["n"] += 1
-        if calls["n"] == 9:  # a few chunk and shard writes in, the disk fills up mid-file
-            with open(path, "wb") as f:
-                f.write(b"\0" * 100)
+        if calls["n"] == 40:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(tensors, path, metadata=metadata)
+        return real_materialize(tensor)
 
-    monkeypatch.setattr(streammerge.checkpoint, "save_file", save_until_full)
+    monkeypatch.setattr(streammerge.checkpoint, "materialize", fill_disk_midway)
     out = tmp_path / "out"
     with pytest.raises(InsufficientResourcesError, match="disk full while writing .*re-run the same command"):
         run(model_dir, out, options)
     assert not list(out.rglob("*.tmp")) and not (out / "config.json").exists()
-    monkeypatch.setattr(streammerge.checkpoint, "save_file", real_save)
+    monkeypatch.setattr(streammerge.checkpoint, "materialize", real_materialize)
     run(model_dir, out, options)
 
     def digest(directory):
