@@ -9,6 +9,7 @@ import os
 import struct
 import weakref
 from collections import defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -40,8 +41,10 @@ class CheckpointReader:
         self.model_dir = Path(model_dir)
         self.weight_map = self._weight_map()
         self.info: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+        self.ranges: dict[str, tuple[str, int, int]] = {}
         self.live_bytes = 0
         self.peak_live_bytes = 0
+        self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
         for shard, names in self._by_shard(self.weight_map).items():
             self._read_header(shard, names)
 
@@ -81,6 +84,16 @@ class CheckpointReader:
             raise CheckpointError(f"shard {shard} is truncated or corrupt ({exc}): re-download it") from exc
 
     def _read_header(self, shard: str, names: list[str]) -> None:
+        with open(self.model_dir / shard, "rb") as raw:
+            try:
+                length = struct.unpack("<Q", raw.read(8))[0]
+                header = json.loads(raw.read(length))
+            except (struct.error, ValueError, MemoryError, OverflowError) as exc:
+                raise CheckpointError(f"shard {shard} is truncated or corrupt ({exc}): re-download it") from exc
+        for name in names:
+            if name in header:
+                begin, end = header[name]["data_offsets"]
+                self.ranges[name] = (shard, 8 + length + begin, 8 + length + end)
         with self._open(shard) as f:
             present = set(f.keys())
             for name in names:
@@ -104,6 +117,21 @@ class CheckpointReader:
 
     def nbytes(self, names) -> int:
         return sum(self.info[n][0].itemsize * _numel(self.info[n][1]) for n in names)
+
+    def prefetch(self, names) -> Future:
+        """Read the tensors' bytes into the page cache in a background thread, so that the next
+        layer's disk reads overlap this layer's compute. The memory is the kernel's cache, not ours."""
+        return self._prefetcher.submit(self._warm, sorted(self.ranges[n] for n in names))
+
+    def _warm(self, ranges) -> None:
+        block = 16 << 20
+        for shard, begin, end in ranges:
+            fd = os.open(self.model_dir / shard, os.O_RDONLY)
+            try:
+                for offset in range(begin, end, block):
+                    os.pread(fd, min(block, end - offset), offset)
+            finally:
+                os.close(fd)
 
     def read(self, names) -> dict[str, torch.Tensor]:
         """The named tensors as CPU views of the memory-mapped shards."""
@@ -176,7 +204,7 @@ def materialize(tensor) -> torch.Tensor:
     return tensor.make() if isinstance(tensor, Deferred) else tensor
 
 
-def save_shard(path: Path, tensors: dict[str, "torch.Tensor | Deferred"]) -> None:
+def save_shard(path: Path, tensors: dict[str, "torch.Tensor | Deferred"]) -> str:
     """Write a safetensors file tensor by tensor, byte-identical to `safetensors.torch.save_file`.
 
     safetensors has no streaming writer; this one writes the same layout (tensors ordered by dtype
@@ -192,15 +220,21 @@ def save_shard(path: Path, tensors: dict[str, "torch.Tensor | Deferred"]) -> Non
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
 
+    digest = hashlib.sha256()
+
     def write(tmp):
         with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(encoded)))
-            f.write(encoded)
+            for block in (struct.pack("<Q", len(encoded)), encoded):
+                f.write(block)
+                digest.update(block)
             for _, tensor in entries:
                 data = materialize(tensor).detach().to("cpu").contiguous()
-                f.write(data.reshape(-1).view(torch.uint8).numpy().data if data.numel() else b"")
+                block = data.reshape(-1).view(torch.uint8).numpy().data if data.numel() else b""
+                f.write(block)
+                digest.update(block)
 
     atomic_write(path, write)
+    return digest.hexdigest()
 
 
 def save_json(path: Path, obj) -> None:
@@ -208,9 +242,3 @@ def save_json(path: Path, obj) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -8,6 +8,7 @@ import logging
 import math
 import shutil
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -18,7 +19,7 @@ from tqdm import tqdm
 from . import __version__
 from .arch import GLOBAL_TENSORS, ArchSpec
 from .calibration import DEFAULT_TEXT, HiddenStates, sample_windows
-from .checkpoint import INDEX_NAME, CheckpointReader, Deferred, save_json, save_shard, sha256_file
+from .checkpoint import INDEX_NAME, CheckpointReader, Deferred, save_json, save_shard
 from .cluster import cluster_experts, prune_experts
 from .errors import CheckpointError, InputError, Interrupted
 from .journal import PROVENANCE, Journal
@@ -112,6 +113,8 @@ class Run:
         self.total_shards = self.num_layers + 1
         self.journal = Journal(self.out_dir)
         self.runner = LayerRunner(self.spec, self.config, self.device, self.dtype)
+        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer")
+        self.hidden_writes: list[Future] = []
 
     def signature_fields(self) -> dict:
         ignored = ("restart", "calib", "ratio", "experts", "eval_text")
@@ -141,7 +144,18 @@ class Run:
             ids = self.tokens[rows.start:rows.stop]
             store.write(c, torch.nn.functional.embedding(ids, table).to(self.dtype))
 
+    def write_hidden(self, store: HiddenStates, chunk: int, hidden: torch.Tensor) -> None:
+        """Queue a chunk for the writer thread, so the disk write overlaps the next chunk's compute."""
+        self.hidden_writes.append(self.writer.submit(store.write, chunk, hidden.to("cpu")))
+
+    def flush_hidden(self) -> None:
+        for write in self.hidden_writes:
+            write.result()
+        self.hidden_writes.clear()
+
     def process(self, layer: int) -> dict:
+        if layer + 1 < self.num_layers:
+            self.model.reader.prefetch(self.model.layer_names(layer + 1))
         tensors = self.model.reader.read(self.model.layer_names(layer))
         module = self.runner.build(layer, tensors)
         source, target = self.hidden(layer), self.hidden(layer + 1)
@@ -156,10 +170,10 @@ class Run:
         else:
             self.propagate(layer, module)
             out = dict(tensors)
+        self.flush_hidden()
         path = self.out_dir / record["shard"]
-        save_shard(path, out)
+        record["sha256"] = save_shard(path, out)
         record["bytes"] = path.stat().st_size
-        record["sha256"] = sha256_file(path)
         record["tensors"] = sorted(out)
         record["tensor_bytes"] = sum(t.dtype.itemsize * math.prod(t.shape) for t in out.values())
         return record
@@ -167,7 +181,7 @@ class Run:
     def propagate(self, layer: int, module) -> None:
         source, target = self.hidden(layer), self.hidden(layer + 1)
         for c in range(len(self.chunks)):
-            target.write(c, self.runner.forward(module, layer, source.read(c, self.device)))
+            self.write_hidden(target, c, self.runner.forward(module, layer, source.read(c, self.device)))
 
     @torch.no_grad()
     def measure(self, layer: int, module, source: HiddenStates, target: HiddenStates):
@@ -202,7 +216,7 @@ class Run:
                 current["chunk"] = c
                 out = self.runner.forward(module, layer, source.read(c, self.device))
                 if self.options.propagate == "original":
-                    target.write(c, out)
+                    self.write_hidden(target, c, out)
         finally:
             module.mlp.experts.observer = None
             for hook in hooks:
