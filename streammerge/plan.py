@@ -5,36 +5,43 @@ directory holding only config.json, the shapes transformers' own layer classes g
 `estimate` is a pure function of that table, so it can be unit-tested and compared with measured peaks.
 
 Notation: c = bytes per element of the compute dtype, N = batch × seqlen tokens of one chunk, T = samples × seqlen
-calibration tokens, H = hidden size, E = routed experts, I = one expert's intermediate size.
+calibration tokens, H = hidden size, E = routed experts, K = experts kept, I = one expert's intermediate size,
+S = SAMPLED_TOKENS_PER_CHUNK.
 
-Device peak. The pipeline holds one layer's non-expert weights and streams the routed experts through one at a
-time, so the peak does not grow with the expert count except by the router's O(E·(H + N)) terms:
-  non-expert weights  the largest layer's attention, norms, router and shared experts (a dense layer: all of it), × c
+Device peak. A layer's non-expert weights stay on the device while the routed experts go through it one at a
+time (runner.ExpertStream), so only the "routing" term grows with E, by O(E·(H + N)), never by expert weights:
+  non-expert weights  the largest layer's attention, norms and shared experts (a dense layer: all of it), × c
   one expert          the largest routed expert's gate, up and down projections, × c
   hidden states       the chunk's input and the layer's output, 2·N·H·c
+  scored block        the MoE block's input and output on the last chunk, kept to score the compressed
+                      candidates, 2·N·H·c
   working set         the larger of two stages that never overlap:
                       attention: normed input, q, k and v (GQA expanded to every head) and the attention output,
                       N·(H + 4·heads·head_dim)·c; sdpa never materializes the scores, eager adds batch·heads·seqlen²
                       scores in c plus their float32 softmax;
-                      experts: router logits and probabilities in float32, N·E·8, and one expert on every token:
-                      its input, gate/up output, activation and output, N·(2H + 3I)·c
-  statistics          the accumulators: E×H float64 output sums and two E-vectors
+                      experts: the block's input, the routed sum, one expert's output and its gated copy, and the
+                      expert's gate/up output and activation, N·(4H + 3I)·c
+  routing             the router, E·H·c; its logits and probabilities in float32, N·E·8; and every expert's
+                      output on the S sampled tokens of a chunk, E·S·H·c
   CUDA context        CUDA_CONTEXT_BYTES (driver, kernels, allocator slack), on CUDA only
 Host peak (RSS):
   baseline            HOST_BASELINE_BYTES: interpreter, torch and transformers imported
-  layer               the largest layer's tensors as they are converted, in c (when c is the weights' dtype these
-                      are the memory-mapped pages of the layer, which count in RSS once touched)
-  merged experts      the K merged experts of the largest MoE layer, in the weights' dtype, held until its shard
-                      is written
+  layer               the largest layer's tensors as read: memory-mapped pages, which count in RSS once touched
+                      and stay mapped until the layer's shard is written
+  merged experts      K experts in the weights' dtype per compressed candidate (3 with --method auto), held until
+                      the shard is written
   hidden states       one chunk read from disk and one chunk written, 2·N·H·c
-  on CPU also the device's working set and statistics: there the device is the host.
+  statistics          E×H float64 output sums, the E×E token distances, and the S sampled MoE inputs of every
+                      chunk in float32 (for router fitting)
+  on CPU also every device term but the CUDA context: there the device is the host.
 Disk: the output checkpoint, plus two layers' sets of hidden states, T·H·c each (the input set of layer l and the
 output set for layer l+1 coexist until l is committed), plus DISK_MARGIN of both for headers, journal and log.
 Work per layer: the statistics pass applies every 2-D weight to every token (attention, router, shared experts and
-all E experts on all T tokens: 2·T·numel FLOPs), plus the attention scores QKᵀ and AV over full seqlen² windows,
-4·T·seqlen·heads·head_dim (kernels that skip the causal half do less). The layer's own output can be assembled from
-those same expert outputs, so it is not counted again. Bytes read: the layer's tensors and its input hidden states;
-written: its output shard and the next layer's hidden states.
+all E experts on all T tokens: 2·T·numel FLOPs; the layer's output is summed from those same expert outputs), plus
+the attention scores QKᵀ and AV over full seqlen² windows, 4·T·seqlen·heads·head_dim (kernels that skip the causal
+half do less). --propagate merged adds a pass of the compressed layer with only the routed top-k experts per token.
+Scoring candidates on one chunk is left out. Bytes read: the layer's tensors and its input hidden states; written:
+its output shard and the next layer's hidden states.
 """
 
 from __future__ import annotations
@@ -51,7 +58,7 @@ from transformers import AutoConfig
 from .arch import GLOBAL_TENSORS, LAYER_PREFIX, ArchSpec, spec_for
 from .errors import InputError, UnsupportedArchitectureError
 from .model import WEIGHT_SUFFIXES, Model
-from .pipeline import RunOptions, resolve_dtype, target_experts
+from .pipeline import SAMPLED_TOKENS_PER_CHUNK, RunOptions, resolve_dtype, target_experts
 
 HOST_BASELINE_BYTES = 500_000_000
 CUDA_CONTEXT_BYTES = 500_000_000
@@ -121,6 +128,10 @@ def _bytes(entry: tuple[torch.dtype, tuple[int, ...]]) -> int:
     return entry[0].itemsize * math.prod(entry[1])
 
 
+def _numel(tensors: TensorTable, names) -> int:
+    return sum(math.prod(tensors[n][1]) for n in names)
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -155,7 +166,7 @@ def estimate(spec: ArchSpec, config, tensors: TensorTable, options: RunOptions, 
         raise InputError("--samples, --seqlen and --batch must each be at least 1")
     experts = spec.num_experts(config)
     k = target_experts(experts, options.ratio, options.experts)
-    moe_layers = spec.moe_layers(config)
+    moe_layers = set(spec.moe_layers(config))
     weights_dtype = tensors["model.embed_tokens.weight"][0]
     compute = resolve_dtype(options.dtype, torch.device(device), weights_dtype)
     c = compute.itemsize
@@ -167,21 +178,29 @@ def estimate(spec: ArchSpec, config, tensors: TensorTable, options: RunOptions, 
     hidden_set = tokens * hidden * c
 
     output = compressed_tensors(spec, config, tensors, k)
-    layer_names = _by_layer(tensors)
     output_names = _by_layer(output)
-    non_expert = one_expert = intermediate = layer_converted = 0
+    top_k_after = min(spec.top_k(config), k)
+    scores_flops = 4 * tokens * options.seqlen * heads * head_dim
+    non_expert = one_expert = intermediate = router = layer_bytes = 0
     largest = total = Work(0, 0, 0)
-    for layer, names in layer_names.items():
+    for layer, names in _by_layer(tensors).items():
         routed = set()
         if layer in moe_layers:
             routed = {n for e in range(experts) for n in spec.expert_names(layer, e)}
             first = spec.expert_names(layer, 0)
-            one_expert = max(one_expert, sum(math.prod(tensors[n][1]) for n in first))
+            expert_numel = _numel(tensors, first)
+            one_expert = max(one_expert, expert_numel)
             intermediate = max(intermediate, tensors[first[0]][1][0])
-        non_expert = max(non_expert, sum(math.prod(tensors[n][1]) for n in names if n not in routed))
-        layer_converted = max(layer_converted, sum(math.prod(tensors[n][1]) for n in names) * c)
-        matrices = sum(math.prod(tensors[n][1]) for n in names if len(tensors[n][1]) == 2)
-        work = Work(flops=2 * tokens * matrices + 4 * tokens * options.seqlen * heads * head_dim,
+            router = max(router, _numel(tensors, [spec.router_name(layer)]))
+            routed.add(spec.router_name(layer))
+        non_expert = max(non_expert, _numel(tensors, [n for n in names if n not in routed]))
+        layer_bytes = max(layer_bytes, sum(_bytes(tensors[n]) for n in names))
+        matrices = _numel(tensors, [n for n in names if len(tensors[n][1]) == 2])
+        flops = 2 * tokens * matrices + scores_flops
+        if layer in moe_layers and options.propagate == "merged":
+            routed_matrices = matrices - (experts - top_k_after) * expert_numel
+            flops += 2 * tokens * routed_matrices + scores_flops
+        work = Work(flops=flops,
                     bytes_read=sum(_bytes(tensors[n]) for n in names) + hidden_set,
                     bytes_written=sum(_bytes(output[n]) for n in output_names[layer]) + hidden_set)
         largest = max(largest, work, key=lambda w: (w.flops, w.bytes_read))
@@ -192,24 +211,29 @@ def estimate(spec: ArchSpec, config, tensors: TensorTable, options: RunOptions, 
     attention_set = chunk * (hidden + 4 * heads * head_dim) * c
     if attention == "eager":
         attention_set += min(options.batch, options.samples) * heads * options.seqlen ** 2 * (c + FLOAT32_BYTES)
-    experts_set = chunk * experts * 2 * FLOAT32_BYTES + chunk * (2 * hidden + 3 * intermediate) * c
-    working = {
+    experts_set = chunk * (4 * hidden + 3 * intermediate) * c
+    device_memory = {
+        "non-expert weights": non_expert * c,
+        "one expert": one_expert * c,
         "hidden states": 2 * chunk * hidden * c,
+        "scored block": 2 * chunk * hidden * c,
         "working set": max(attention_set, experts_set),
-        "statistics": experts * hidden * FLOAT64_BYTES + 2 * experts * FLOAT64_BYTES,
+        "routing": router * c + chunk * experts * 2 * FLOAT32_BYTES + experts * SAMPLED_TOKENS_PER_CHUNK * hidden * c,
     }
-    device_memory = {"non-expert weights": non_expert * c, "one expert": one_expert * c, **working}
-    if device == "cuda":
-        device_memory["CUDA context"] = CUDA_CONTEXT_BYTES
+    chunks = math.ceil(options.samples / options.batch)
+    candidates = 3 if options.method == "auto" else 1
     host_memory = {
         "baseline": HOST_BASELINE_BYTES,
-        "layer": layer_converted,
-        "merged experts": k * one_expert * weights_dtype.itemsize,
+        "layer": layer_bytes,
+        "merged experts": candidates * k * one_expert * weights_dtype.itemsize,
         "hidden states": 2 * chunk * hidden * c,
+        "statistics": (experts * hidden + experts * experts) * FLOAT64_BYTES
+        + chunks * SAMPLED_TOKENS_PER_CHUNK * hidden * FLOAT32_BYTES,
     }
     if device == "cpu":
-        host_memory["working set"] = working["working set"]
-        host_memory["statistics"] = working["statistics"]
+        host_memory.update({f"device: {name}": n for name, n in device_memory.items()})
+    else:
+        device_memory["CUDA context"] = CUDA_CONTEXT_BYTES
     output_bytes = sum(_bytes(entry) for entry in output.values())
     disk = {"output": output_bytes, "hidden states": 2 * hidden_set,
             "margin": round(DISK_MARGIN * (output_bytes + 2 * hidden_set))}
@@ -217,7 +241,7 @@ def estimate(spec: ArchSpec, config, tensors: TensorTable, options: RunOptions, 
         family=spec.family, model_type=spec.model_type,
         layers=config.num_hidden_layers, moe_layers=len(moe_layers),
         experts_before=experts, experts_after=k,
-        top_k_before=spec.top_k(config), top_k_after=min(spec.top_k(config), k),
+        top_k_before=spec.top_k(config), top_k_after=top_k_after,
         parameters_before=sum(math.prod(shape) for _, shape in tensors.values()),
         parameters_after=sum(math.prod(shape) for _, shape in output.values()),
         input_bytes=sum(_bytes(entry) for entry in tensors.values()), output_bytes=output_bytes,
@@ -232,8 +256,8 @@ def config_tensors(spec: ArchSpec, config, dtype: torch.dtype) -> TensorTable:
     """On-disk names and shapes of a `config` checkpoint as save_pretrained writes it, without any weights.
 
     Each layer is built on the meta device from transformers' own class; its in-memory state, with the experts
-    fused into gate_up_proj [E, 2I, H] and down_proj [E, H, I], is split back into the Hub's per-expert names:
-    the inverse of runner.module_state.
+    fused into gate_up_proj [E, 2I, H] and down_proj [E, H, I], is split back into the Hub's per-expert names,
+    which runner.split_layer reads.
     """
     hidden, vocab = config.hidden_size, config.vocab_size
     shapes = {"model.embed_tokens.weight": (vocab, hidden)}
@@ -331,7 +355,8 @@ def describe(plan: Plan) -> str:
         f"  size          {_gb(plan.input_bytes)} -> {_gb(plan.output_bytes)} ({plan.weights_dtype} weights)",
         f"  calibration   {plan.samples} x {plan.seqlen} tokens in chunks of {plan.batch} windows; "
         f"compute on {plan.device} in {plan.compute_dtype}",
-        f"  device peak   {_gb(plan.device_peak)}: {_parts(plan.device_memory)}",
+        f"  device peak   {_gb(plan.device_peak)}: {_parts(plan.device_memory)}"
+        + (" (host RAM: within the host peak)" if plan.device == "cpu" else ""),
         f"  host peak     {_gb(plan.host_peak)}: {_parts(plan.host_memory)}",
         f"  disk          {_gb(plan.disk_needed)}: {_parts(plan.disk)}",
         f"  largest layer {plan.largest_layer.flops / 1e12:,.1f} TFLOP, read {_gb(plan.largest_layer.bytes_read)}, "
