@@ -48,15 +48,17 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from collections import defaultdict
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import psutil
 import torch
 from transformers import AutoConfig
 
 from .arch import GLOBAL_TENSORS, LAYER_PREFIX, ArchSpec, spec_for
-from .errors import InputError, UnsupportedArchitectureError
+from .errors import InputError, InsufficientResourcesError, UnsupportedArchitectureError
 from .model import WEIGHT_SUFFIXES, Model
 from .pipeline import SAMPLED_TOKENS_PER_CHUNK, RunOptions, resolve_dtype, target_experts
 
@@ -364,3 +366,33 @@ def describe(plan: Plan) -> str:
         f"  whole run     {plan.whole_run.flops / 1e12:,.1f} TFLOP, read {_gb(plan.whole_run.bytes_read)}, "
         f"write {_gb(plan.whole_run.bytes_written)}",
     ])
+
+
+def preflight(plan: Plan, out_dir: Path) -> None:
+    """Refuse to start when disk, RAM or device memory is short, with the numbers, before any heavy work.
+
+    Output files already in out_dir (a resumed run) count as written.
+    """
+    out_dir = Path(out_dir)
+    written = sum(p.stat().st_size for p in out_dir.glob("*.safetensors")) if out_dir.is_dir() else 0
+    existing = next(p for p in (out_dir, *out_dir.resolve().parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    needed = plan.disk_needed - written
+    if free < needed:
+        raise InsufficientResourcesError(
+            f"not enough disk on {existing}: the run needs {_gb(needed)} more ({_parts(plan.disk)}), {_gb(free)} "
+            f"free: free space or choose an out_dir on another disk"
+        )
+    available = psutil.virtual_memory().available
+    if available < plan.host_peak:
+        raise InsufficientResourcesError(
+            f"not enough RAM: the run needs about {_gb(plan.host_peak)} ({_parts(plan.host_memory)}), "
+            f"{_gb(available)} available: close other programs, or lower --batch or --seqlen"
+        )
+    if plan.device == "cuda":
+        free_device, _ = torch.cuda.mem_get_info()
+        if free_device < plan.device_peak:
+            raise InsufficientResourcesError(
+                f"not enough GPU memory: the run needs about {_gb(plan.device_peak)} ({_parts(plan.device_memory)}), "
+                f"{_gb(free_device)} free: lower --batch or --seqlen, or use --device cpu"
+            )

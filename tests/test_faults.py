@@ -124,3 +124,23 @@ def test_disk_full_during_a_write_loses_nothing(tiny_models, tmp_path, monkeypat
                 and p.name != "streammerge.json"}
 
     assert digest(out) == digest(tmp_path / "clean")
+
+
+def test_preflight_refuses_a_too_small_disk_before_any_work(tiny_models, tmp_path, monkeypatch):
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr("streammerge.plan.shutil.disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    out = tmp_path / "out"
+    with pytest.raises(InsufficientResourcesError, match=r"not enough disk .* needs .* GB more .* free"):
+        run(tiny_models("mixtral"), out, RunOptions(ratio=0.5, samples=2, seqlen=16, device="cpu"))
+    assert not out.exists()
+
+
+def test_preflight_refuses_too_little_ram(tiny_models, tmp_path, monkeypatch):
+    from collections import namedtuple
+
+    memory = namedtuple("memory", "available")
+    monkeypatch.setattr("streammerge.plan.psutil.virtual_memory", lambda: memory(1000))
+    with pytest.raises(InsufficientResourcesError, match=r"not enough RAM: .* lower --batch"):
+        run(tiny_models("mixtral"), tmp_path / "out", RunOptions(ratio=0.5, samples=2, seqlen=16, device="cpu"))
