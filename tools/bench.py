@@ -1,0 +1,158 @@
+"""Memory and speed benchmark at real layer sizes (a benchmark, not a test; takes minutes and ~40 GB of disk).
+
+    python tools/bench.py [--config tests/configs/mistralai__Mixtral-8x7B-v0.1.json] [--layers 2 8]
+                          [--samples 4] [--seqlen 256] [--batch 2] [--dtype float32] [--work DIR] [--readme]
+
+Writes synthetic checkpoints (tools/make_synthetic.py) with the config's real layer dimensions and the given
+layer counts, runs `streammerge run` on each in a child process, and prints in one run:
+  (a) peak RSS with the fewest and the most layers, and their ratio (flat memory in depth);
+  (b) peak RSS / (one layer's bytes + one calibration chunk + interpreter baseline), the baseline measured here
+      as the peak RSS of a process that imports streammerge and exits;
+  (c) wall time / floor, floor = bytes read and written at this disk's measured rates + the statistics' FLOPs
+      (every expert on every calibration token) at this CPU's measured matmul rate;
+  (d) `streammerge plan`'s host-memory estimate against the measured peak RSS.
+With --readme the table replaces the "Performance" section's table in README.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+MARKERS = ("<!-- performance:start -->", "<!-- performance:end -->")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def child(command: list[str]) -> tuple[float, int]:
+    """Wall seconds and peak RSS bytes of a child process."""
+    started = time.monotonic()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.monotonic() - started
+    if status:
+        raise SystemExit(f"{' '.join(command)} failed:\n{process.stderr.read().decode()[-3000:]}")
+    return wall, usage.ru_maxrss * 1024
+
+
+def drop_cache(paths) -> None:
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+
+
+def disk_rates(work: Path, size: int = 1 << 30) -> tuple[float, float]:
+    """Sequential write (with fsync) and cold read rates in bytes/s."""
+    path = work / "disk-rate.bin"
+    block = os.urandom(1 << 24)
+    started = time.monotonic()
+    with open(path, "wb") as f:
+        for _ in range(size // len(block)):
+            f.write(block)
+        f.flush()
+        os.fsync(f.fileno())
+    write = size / (time.monotonic() - started)
+    drop_cache([path])
+    started = time.monotonic()
+    with open(path, "rb") as f:
+        while f.read(1 << 24):
+            pass
+    read = size / (time.monotonic() - started)
+    path.unlink()
+    return write, read
+
+
+def matmul_rate(tokens: int, hidden: int, inter: int, dtype: torch.dtype) -> float:
+    """FLOP/s of an expert-shaped matmul in the compute dtype."""
+    x, w = torch.randn(tokens, hidden, dtype=dtype), torch.randn(inter, hidden, dtype=dtype)
+    torch.nn.functional.linear(x, w)
+    repeats, started = 5, time.monotonic()
+    for _ in range(repeats):
+        torch.nn.functional.linear(x, w)
+    return repeats * 2 * tokens * hidden * inter / (time.monotonic() - started)
+
+
+def measure(config: Path, layers: int, options: list[str], work: Path) -> dict:
+    model, out = work / f"model-{layers}", work / f"out-{layers}"
+    if not (model / "config.json").exists():
+        subprocess.run([sys.executable, str(ROOT / "tools" / "make_synthetic.py"), str(config), str(model),
+                        "--layers", str(layers)], check=True)
+    plan = json.loads(subprocess.run([sys.executable, "-m", "streammerge", "plan", str(model), *options, "--json"],
+                                     check=True, capture_output=True, text=True).stdout)
+    shards = list(model.glob("*.safetensors"))
+    drop_cache(shards)
+    subprocess.run(["rm", "-rf", str(out)], check=True)
+    wall, rss = child([sys.executable, "-m", "streammerge", "run", str(model), str(out), *options])
+    written = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    return dict(layers=layers, wall=wall, rss=rss, plan=plan, read=sum(p.stat().st_size for p in shards),
+                written=written)
+
+
+@click.command()
+@click.option("--config", type=click.Path(exists=True, path_type=Path),
+              default=ROOT / "tests" / "configs" / "mistralai__Mixtral-8x7B-v0.1.json", show_default=True)
+@click.option("--layers", nargs=2, type=int, default=(2, 8), show_default=True)
+@click.option("--samples", type=int, default=4, show_default=True)
+@click.option("--seqlen", type=int, default=256, show_default=True)
+@click.option("--batch", type=int, default=2, show_default=True)
+@click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="float32", show_default=True)
+@click.option("--work", type=click.Path(path_type=Path), help="Where checkpoints go (kept for reruns).")
+@click.option("--readme", is_flag=True, help="Write the table into README.md.")
+def main(config, layers, samples, seqlen, batch, dtype, work, readme):
+    work = Path(work or tempfile.mkdtemp(prefix="streammerge-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    options = ["--ratio", "0.5", "--samples", str(samples), "--seqlen", str(seqlen), "--batch", str(batch),
+               "--device", "cpu", "--dtype", dtype]
+    _, baseline = child([sys.executable, "-c", "import streammerge.cli, streammerge.pipeline, streammerge.plan"])
+    write_rate, read_rate = disk_rates(work)
+    raw = json.loads(config.read_text())
+    hidden, inter = raw["hidden_size"], raw.get("moe_intermediate_size") or raw["intermediate_size"]
+    experts = raw.get("num_local_experts") or raw.get("num_experts")
+    rate = matmul_rate(batch * seqlen, hidden, inter, DTYPES[dtype])
+    small, large = (measure(config, n, options, work) for n in layers)
+
+    tokens = samples * seqlen
+    stats_flops = large["layers"] * experts * tokens * 2 * 3 * hidden * inter
+    floor = large["read"] / read_rate + large["written"] / write_rate + stats_flops / rate
+    layer_bytes = large["read"] / large["layers"]  # embeddings are small next to a Mixtral-size layer
+    chunk = batch * seqlen * hidden * DTYPES[dtype].itemsize
+    bound = layer_bytes + chunk + baseline
+    gb = 1e9
+    rows = [
+        ("peak RSS, %d layers" % small["layers"], f"{small['rss'] / gb:.2f} GB", ""),
+        ("peak RSS, %d layers" % large["layers"], f"{large['rss'] / gb:.2f} GB",
+         f"ratio {large['rss'] / small['rss']:.3f} (target ≤ 1.05)"),
+        ("one layer + one chunk + baseline", f"{bound / gb:.2f} GB",
+         f"{layer_bytes / gb:.2f} + {chunk / gb:.3f} + {baseline / gb:.2f}; peak RSS / this = "
+         f"{large['rss'] / bound:.3f} (target ≤ 1.3)"),
+        ("wall time, %d layers" % large["layers"], f"{large['wall']:.1f} s",
+         f"floor {floor:.1f} s; wall / floor = {large['wall'] / floor:.3f} (target ≤ 1.2)"),
+        ("floor parts", "", f"read {large['read'] / gb:.1f} GB at {read_rate / 1e6:.0f} MB/s, write "
+         f"{large['written'] / gb:.1f} GB at {write_rate / 1e6:.0f} MB/s, {stats_flops / 1e12:.1f} TFLOP at "
+         f"{rate / 1e9:.0f} GFLOP/s ({dtype})"),
+        ("plan host peak vs measured", f"{large['plan']['host_peak'] / gb:.2f} GB",
+         f"plan / measured = {large['plan']['host_peak'] / large['rss']:.3f} (target 0.8–1.2)"),
+    ]
+    command = "python tools/bench.py " + " ".join(sys.argv[1:])
+    text = (f"Made by `{command.strip()}` on this machine ({os.cpu_count()} cores), "
+            f"{tokens} calibration tokens, {raw.get('model_type')} layer sizes.\n\n"
+            "| measure | value | notes |\n|---|---|---|\n" + "\n".join(f"| {a} | {b} | {c} |" for a, b, c in rows) + "\n")
+    print(text)
+    if readme:
+        path = ROOT / "README.md"
+        pattern = re.compile(re.escape(MARKERS[0]) + ".*?" + re.escape(MARKERS[1]), re.S)
+        path.write_text(pattern.sub(lambda _: f"{MARKERS[0]}\n{text}{MARKERS[1]}", path.read_text()))
+
+
+if __name__ == "__main__":
+    main()
