@@ -2,6 +2,11 @@
 
 One entry per `model_type`, no fallback: a checkpoint whose family is not here is refused, because
 guessing a "similar" layout silently produces a broken model.
+
+Two on-disk layouts of the routed experts exist: one tensor per expert and projection
+(`experts.{e}.gate_proj.weight`, the Hub's classic format), and fused 3-D tensors with the experts along
+dimension 0 (granitemoe, gpt-oss, llama4). Either way an expert is a small dict of "parts" (its projections,
+or its slice of every fused tensor), which is what gets merged; the output keeps the input's layout.
 """
 
 from __future__ import annotations
@@ -10,7 +15,10 @@ import importlib
 from dataclasses import dataclass
 from typing import Callable
 
-from .errors import UnsupportedArchitectureError
+import torch
+
+from .checkpoint import materialize
+from .errors import InputError, UnsupportedArchitectureError
 
 LAYER_PREFIX = "model.layers.{layer}."
 GLOBAL_TENSORS = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
@@ -23,122 +31,310 @@ def _every_layer(config, layer: int) -> bool:
 def _qwen_sparse_step(config, layer: int) -> bool:
     # Mirrors Qwen2MoeDecoderLayer/Qwen3MoeDecoderLayer.__init__.
     return (
-        layer not in (config.mlp_only_layers or [])
+        layer not in (getattr(config, "mlp_only_layers", None) or [])
         and config.num_experts > 0
         and (layer + 1) % config.decoder_sparse_step == 0
     )
+
+
+def _after_dense(config, layer: int) -> bool:
+    # DeepseekV2/V3DecoderLayer, Glm4MoeDecoderLayer, Dots1DecoderLayer: the first layers are dense.
+    return layer >= config.first_k_dense_replace
+
+
+def _sparse_layer_types(config, layer: int) -> bool:
+    # Glm4MoeLiteDecoderLayer.
+    return config.mlp_layer_types[layer] == "sparse"
+
+
+def _ernie_interval(config, layer: int) -> bool:
+    # Ernie4_5_MoeDecoderLayer.
+    return ((layer + 1) % config.moe_layer_interval == 0
+            and config.moe_layer_start_index <= layer <= config.moe_layer_end_index)
+
+
+def _after_num_dense(config, layer: int) -> bool:
+    # Lfm2MoeDecoderLayer.
+    return layer >= config.num_dense_layers
+
+
+def _no_groups(config) -> tuple[int, int]:
+    return 1, 1
+
+
+def _deepseek_v3_groups(config) -> tuple[int, int]:
+    # Group score = sum of the top-2 corrected scores in each of n_group contiguous groups: every group needs
+    # two experts, and an expert must stay in its group or routing changes silently.
+    return int(config.n_group or 1), 2
+
+
+def _deepseek_v2_groups(config) -> tuple[int, int]:
+    # Group score = the max score in the group, only with topk_method "group_limited_greedy".
+    if getattr(config, "topk_method", "greedy") == "group_limited_greedy":
+        return int(config.n_group or 1), 1
+    return 1, 1
+
+
+def _scalar(config, key: str) -> int:
+    value = getattr(config, key)
+    if isinstance(value, (list, tuple)):  # hunyuan allows per-layer lists
+        if len(set(value)) != 1:
+            raise UnsupportedArchitectureError(
+                f"config {key}={list(value)} varies by layer: streammerge keeps one expert count for every layer"
+            )
+        value = value[0]
+    return int(value)
 
 
 @dataclass(frozen=True)
 class ArchSpec:
     model_type: str
     family: str
-    modeling_module: str  # transformers module holding the layer and rotary classes
+    modeling_module: str  # transformers module holding the layer classes
     layer_class: str
-    rotary_class: str
     experts_key: str  # config key of the routed expert count
     top_k_key: str
     moe_prefix: str  # on-disk name of the MoE block inside a layer
     router: str  # on-disk router weight, relative to moe_prefix
-    projections: tuple[str, str, str]  # on-disk names of an expert's gate, up and down projections
+    projections: tuple[str, ...]  # on-disk names of an expert's gate, up and down projections (per-expert layout)
     routing: str  # the router's formula, as transformers computes it
     shared_expert: str  # what is kept untouched beside the routed experts
     is_moe_layer: Callable = _every_layer
+    rotary_class: str = ""  # kept for reference; the runner takes the rotary module from the model itself
+    moe_attr: str = "mlp"  # the MoE block's attribute in transformers' layer
+    renames: tuple[tuple[str, str], ...] = ()  # on-disk -> in-memory names inside the MoE block
+    router_vectors: tuple[tuple[str, int], ...] = ()  # per-expert vectors beside the router, with their expert dim
+    fused: tuple[tuple[str, str], ...] = ()  # fused layout: (on-disk tensor, experts-module parameter)
+    extra_globals: tuple[str, ...] = ()  # non-layer tensors beside GLOBAL_TENSORS
+    attn_implementation: str = "sdpa"
+    expert_groups: Callable = _no_groups  # config -> (groups experts must stay in, minimum kept per group)
+    layer_type_classes: tuple[tuple[str, str], ...] = ()  # hybrids with a class per layer type (jamba)
+    layer_type_key: str = ""
+    softmax_router: bool = True  # routing is a softmax over plain router logits (what lsefit/kl fit)
+    embedding_multiplier_key: str = ""  # config key scaling the embeddings before layer 0 (granite)
+
+    # --- classes -----------------------------------------------------------------------------------
+    def module(self):
+        return importlib.import_module(self.modeling_module)
+
+    def layer_class_for(self, config, layer: int):
+        name = self.layer_class
+        if self.layer_type_classes:
+            name = dict(self.layer_type_classes)[getattr(config, self.layer_type_key)[layer]]
+        return getattr(self.module(), name)
 
     def classes(self):
-        module = importlib.import_module(self.modeling_module)
-        return getattr(module, self.layer_class), getattr(module, self.rotary_class)
+        module = self.module()
+        return getattr(module, self.layer_class), getattr(module, self.rotary_class, None)
 
+    def moe_block(self, layer_module):
+        return getattr(layer_module, self.moe_attr)
+
+    @property
+    def global_tensors(self) -> tuple[str, ...]:
+        return GLOBAL_TENSORS + self.extra_globals
+
+    # --- names ---------------------------------------------------------------------------------------
     def layer_prefix(self, layer: int) -> str:
         return LAYER_PREFIX.format(layer=layer)
 
     def router_name(self, layer: int) -> str:
         return f"{self.layer_prefix(layer)}{self.moe_prefix}.{self.router}"
 
+    def router_vector_names(self, layer: int) -> list[tuple[str, int]]:
+        return [(f"{self.layer_prefix(layer)}{self.moe_prefix}.{name}", dim) for name, dim in self.router_vectors]
+
     def expert_name(self, layer: int, expert: int, projection: str) -> str:
         return f"{self.layer_prefix(layer)}{self.moe_prefix}.experts.{expert}.{projection}.weight"
 
     def expert_names(self, layer: int, expert: int) -> list[str]:
+        """The per-expert layout's tensors of one expert (fused layouts: the fused tensors holding it)."""
+        if self.fused:
+            return self.fused_names(layer)
         return [self.expert_name(layer, expert, p) for p in self.projections]
 
+    def fused_names(self, layer: int) -> list[str]:
+        return [f"{self.layer_prefix(layer)}{self.moe_prefix}.{name}" for name, _ in self.fused]
+
+    def expert_tensor_names(self, layer: int, num_experts: int) -> list[str]:
+        """Every on-disk tensor of the routed experts of a layer."""
+        if self.fused:
+            return self.fused_names(layer)
+        return [n for e in range(num_experts) for n in self.expert_names(layer, e)]
+
+    def routed_names(self, layer: int, num_experts: int) -> set[str]:
+        """Everything that changes with the expert count: router, per-expert router vectors, experts."""
+        return ({self.router_name(layer)} | {n for n, _ in self.router_vector_names(layer)}
+                | set(self.expert_tensor_names(layer, num_experts)))
+
+    # --- experts as parts ---------------------------------------------------------------------------
+    def expert_parts(self, tensors: dict, layer: int, expert: int) -> dict[str, torch.Tensor]:
+        """Expert `expert`'s tensors: its projections, or its slice of each fused tensor."""
+        if self.fused:
+            return {name: tensors[full][expert] for name, full in zip([n for n, _ in self.fused], self.fused_names(layer))}
+        return {p: tensors[self.expert_name(layer, expert, p)] for p in self.projections}
+
+    def expert_tensors(self, layer: int, experts: list[dict]) -> dict[str, torch.Tensor]:
+        """On-disk tensors of a layer whose experts are `experts` (a list of parts), in the input's layout."""
+        if self.fused:
+            return {full: torch.stack([materialize(parts[name]) for parts in experts]).contiguous()
+                    for (name, _), full in zip(self.fused, self.fused_names(layer))}
+        return {self.expert_name(layer, k, p): parts[p] for k, parts in enumerate(experts) for p in self.projections}
+
+    def experts_state(self, parts: dict) -> dict[str, torch.Tensor]:
+        """A one-expert state dict of transformers' experts module (v5 fused names) from one expert's parts."""
+        if self.fused:
+            return {memory: parts[disk][None] for disk, memory in self.fused}
+        gate, up, down = (parts[p] for p in self.projections)
+        return {"gate_up_proj": torch.cat([gate, up])[None], "down_proj": down[None]}
+
+    # --- config ---------------------------------------------------------------------------------------
     def num_experts(self, config) -> int:
-        return int(getattr(config, self.experts_key))
+        return _scalar(config, self.experts_key)
 
     def top_k(self, config) -> int:
-        return int(getattr(config, self.top_k_key))
+        return _scalar(config, self.top_k_key)
 
     def moe_layers(self, config) -> list[int]:
         return [i for i in range(config.num_hidden_layers) if self.is_moe_layer(config, i)]
 
+    def check_experts_kept(self, config, k: int) -> None:
+        """Refuse expert counts the router cannot work with (group-limited routing)."""
+        groups, minimum = self.expert_groups(config)
+        if groups <= 1:
+            return
+        num = self.num_experts(config)
+        valid = [g * groups for g in range(minimum, num // groups + 1)]
+        if k % groups or k // groups < minimum:
+            raise InputError(
+                f"{self.family} routes within {groups} expert groups: the experts kept must be a multiple of "
+                f"{groups} with at least {minimum} per group; {k} is not (valid: {', '.join(map(str, valid))})"
+            )
+        selectable = int(getattr(config, "topk_group", groups) or groups) * (k // groups)
+        if self.top_k(config) > selectable:
+            raise InputError(
+                f"keeping {k} experts leaves {selectable} selectable per token (topk_group × {k // groups}), fewer than "
+                f"the model's top-{self.top_k(config)}: keep more experts"
+            )
+
+    def group_ranges(self, config) -> list[range]:
+        groups, _ = self.expert_groups(config)
+        size = self.num_experts(config) // groups
+        return [range(g * size, (g + 1) * size) for g in range(groups)]
+
 
 _SOFTMAX_TOPK = "softmax over all experts (fp32), top-k"
 _SWIGLU = ("gate_proj", "up_proj", "down_proj")
+_W = ("w1", "w3", "w2")
+_SIGMOID_GROUPED = ("sigmoid (fp32) + e_score_correction_bias for the choice, group-limited top-k "
+                    "(n_group groups scored by their top-2 sum, topk_group kept); weights without the bias, "
+                    "renormalized iff norm_topk_prob, × routed_scaling_factor")
 
-ARCHITECTURES: dict[str, ArchSpec] = {
-    spec.model_type: spec
-    for spec in (
-        ArchSpec(
-            model_type="mixtral",
-            family="Mixtral",
-            modeling_module="transformers.models.mixtral.modeling_mixtral",
-            layer_class="MixtralDecoderLayer",
-            rotary_class="MixtralRotaryEmbedding",
-            experts_key="num_local_experts",
-            top_k_key="num_experts_per_tok",
-            moe_prefix="block_sparse_moe",
-            router="gate.weight",
-            projections=("w1", "w3", "w2"),
-            routing=f"{_SOFTMAX_TOPK}, always renormalized",
-            shared_expert="none",
-        ),
-        ArchSpec(
-            model_type="qwen2_moe",
-            family="Qwen2-MoE (Qwen1.5-MoE)",
-            modeling_module="transformers.models.qwen2_moe.modeling_qwen2_moe",
-            layer_class="Qwen2MoeDecoderLayer",
-            rotary_class="Qwen2MoeRotaryEmbedding",
-            experts_key="num_experts",
-            top_k_key="num_experts_per_tok",
-            moe_prefix="mlp",
-            router="gate.weight",
-            projections=_SWIGLU,
-            routing=f"{_SOFTMAX_TOPK}, renormalized iff norm_topk_prob",
-            shared_expert="shared_expert and its sigmoid shared_expert_gate",
-            is_moe_layer=_qwen_sparse_step,
-        ),
-        ArchSpec(
-            model_type="qwen3_moe",
-            family="Qwen3-MoE",
-            modeling_module="transformers.models.qwen3_moe.modeling_qwen3_moe",
-            layer_class="Qwen3MoeDecoderLayer",
-            rotary_class="Qwen3MoeRotaryEmbedding",
-            experts_key="num_experts",
-            top_k_key="num_experts_per_tok",
-            moe_prefix="mlp",
-            router="gate.weight",
-            projections=_SWIGLU,
-            routing=f"{_SOFTMAX_TOPK}, renormalized iff norm_topk_prob",
-            shared_expert="none",
-            is_moe_layer=_qwen_sparse_step,
-        ),
-        ArchSpec(
-            model_type="olmoe",
-            family="OLMoE",
-            modeling_module="transformers.models.olmoe.modeling_olmoe",
-            layer_class="OlmoeDecoderLayer",
-            rotary_class="OlmoeRotaryEmbedding",
-            experts_key="num_experts",
-            top_k_key="num_experts_per_tok",
-            moe_prefix="mlp",
-            router="gate.weight",
-            projections=_SWIGLU,
-            routing=f"{_SOFTMAX_TOPK}, renormalized iff norm_topk_prob",
-            shared_expert="none",
-        ),
-    )
-}
+
+def _transformers(name: str) -> str:
+    return f"transformers.models.{name}.modeling_{name}"
+
+
+_SPECS = (
+    ArchSpec(
+        model_type="mixtral", family="Mixtral", modeling_module=_transformers("mixtral"),
+        layer_class="MixtralDecoderLayer", rotary_class="MixtralRotaryEmbedding",
+        experts_key="num_local_experts", top_k_key="num_experts_per_tok",
+        moe_prefix="block_sparse_moe", router="gate.weight", projections=_W,
+        routing=f"{_SOFTMAX_TOPK}, always renormalized", shared_expert="none",
+    ),
+    ArchSpec(
+        model_type="qwen2_moe", family="Qwen2-MoE (Qwen1.5-MoE)", modeling_module=_transformers("qwen2_moe"),
+        layer_class="Qwen2MoeDecoderLayer", rotary_class="Qwen2MoeRotaryEmbedding",
+        experts_key="num_experts", top_k_key="num_experts_per_tok",
+        moe_prefix="mlp", router="gate.weight", projections=_SWIGLU,
+        routing=f"{_SOFTMAX_TOPK}, renormalized iff norm_topk_prob",
+        shared_expert="shared_expert and its sigmoid shared_expert_gate", is_moe_layer=_qwen_sparse_step,
+    ),
+    ArchSpec(
+        model_type="qwen3_moe", family="Qwen3-MoE", modeling_module=_transformers("qwen3_moe"),
+        layer_class="Qwen3MoeDecoderLayer", rotary_class="Qwen3MoeRotaryEmbedding",
+        experts_key="num_experts", top_k_key="num_experts_per_tok",
+        moe_prefix="mlp", router="gate.weight", projections=_SWIGLU,
+        routing=f"{_SOFTMAX_TOPK}, renormalized iff norm_topk_prob", shared_expert="none",
+        is_moe_layer=_qwen_sparse_step,
+    ),
+    ArchSpec(
+        model_type="olmoe", family="OLMoE", modeling_module=_transformers("olmoe"),
+        layer_class="OlmoeDecoderLayer", rotary_class="OlmoeRotaryEmbedding",
+        experts_key="num_experts", top_k_key="num_experts_per_tok",
+        moe_prefix="mlp", router="gate.weight", projections=_SWIGLU,
+        routing=f"{_SOFTMAX_TOPK}, renormalized iff norm_topk_prob", shared_expert="none",
+    ),
+    ArchSpec(
+        model_type="deepseek_v2", family="DeepSeek-V2", modeling_module=_transformers("deepseek_v2"),
+        layer_class="DeepseekV2DecoderLayer", rotary_class="DeepseekV2RotaryEmbedding",
+        experts_key="n_routed_experts", top_k_key="num_experts_per_tok",
+        moe_prefix="mlp", router="gate.weight", projections=_SWIGLU,
+        routing=(f"{_SOFTMAX_TOPK} (topk_method greedy) or group-limited (groups scored by their max), "
+                 "× routed_scaling_factor, never renormalized"),
+        shared_expert="shared_experts (n_shared_experts); the first first_k_dense_replace layers are dense",
+        is_moe_layer=_after_dense, expert_groups=_deepseek_v2_groups, softmax_router=False,
+    ),
+    ArchSpec(
+        model_type="deepseek_v3", family="DeepSeek-V3 / R1", modeling_module=_transformers("deepseek_v3"),
+        layer_class="DeepseekV3DecoderLayer", rotary_class="DeepseekV3RotaryEmbedding",
+        experts_key="n_routed_experts", top_k_key="num_experts_per_tok",
+        moe_prefix="mlp", router="gate.weight", projections=_SWIGLU,
+        routing=_SIGMOID_GROUPED,
+        shared_expert="shared_experts (ungated); the first first_k_dense_replace layers are dense",
+        is_moe_layer=_after_dense, router_vectors=(("gate.e_score_correction_bias", 0),),
+        expert_groups=_deepseek_v3_groups, softmax_router=False,
+    ),
+    ArchSpec(
+        model_type="glm4_moe", family="GLM-4.5 (GLM-4-MoE)", modeling_module=_transformers("glm4_moe"),
+        layer_class="Glm4MoeDecoderLayer", rotary_class="Glm4MoeRotaryEmbedding",
+        experts_key="n_routed_experts", top_k_key="num_experts_per_tok",
+        moe_prefix="mlp", router="gate.weight", projections=_SWIGLU,
+        routing=_SIGMOID_GROUPED,
+        shared_expert="shared_experts (ungated); the first first_k_dense_replace layers are dense",
+        is_moe_layer=_after_dense, router_vectors=(("gate.e_score_correction_bias", 0),),
+        expert_groups=_deepseek_v3_groups, softmax_router=False,
+    ),
+    ArchSpec(
+        model_type="glm4_moe_lite", family="GLM-4-MoE-Lite", modeling_module=_transformers("glm4_moe_lite"),
+        layer_class="Glm4MoeLiteDecoderLayer", rotary_class="Glm4MoeLiteRotaryEmbedding",
+        experts_key="n_routed_experts", top_k_key="num_experts_per_tok",
+        moe_prefix="mlp", router="gate.weight", projections=_SWIGLU,
+        routing=_SIGMOID_GROUPED,
+        shared_expert="shared_experts (ungated); layers marked dense in mlp_layer_types",
+        is_moe_layer=_sparse_layer_types, router_vectors=(("gate.e_score_correction_bias", 0),),
+        expert_groups=_deepseek_v3_groups, softmax_router=False,
+    ),
+    ArchSpec(
+        model_type="dots1", family="dots.llm1", modeling_module=_transformers("dots1"),
+        layer_class="Dots1DecoderLayer", rotary_class="Dots1RotaryEmbedding",
+        experts_key="n_routed_experts", top_k_key="num_experts_per_tok",
+        moe_prefix="mlp", router="gate.weight", projections=_SWIGLU,
+        routing=_SIGMOID_GROUPED,
+        shared_expert="shared_experts (ungated); the first first_k_dense_replace layers are dense",
+        is_moe_layer=_after_dense, router_vectors=(("gate.e_score_correction_bias", 0),),
+        expert_groups=_deepseek_v3_groups, softmax_router=False,
+    ),
+)
+
+ARCHITECTURES: dict[str, ArchSpec] = {spec.model_type: spec for spec in _SPECS}
 
 _EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
+def check_quantization(raw_config: dict) -> None:
+    """Quantized checkpoints (FP8 blocks with weight_scale_inv, MXFP4 blocks, GPTQ, ...) cannot be averaged as stored."""
+    quantization = raw_config.get("quantization_config")
+    if not quantization:
+        return
+    method = quantization.get("quant_method", "unknown") if isinstance(quantization, dict) else "unknown"
+    raise UnsupportedArchitectureError(
+        f"this checkpoint is quantized ({method}"
+        + (f", {quantization.get('weight_block_size')} blocks" if isinstance(quantization, dict) and quantization.get("weight_block_size") else "")
+        + "): streammerge merges unquantized weights only; dequantize it to bf16 first (e.g. load it with "
+        "transformers and save_pretrained in bfloat16, or use the model's bf16 release) and pass that directory"
+    )
 
 
 def spec_for(raw_config: dict) -> ArchSpec:
@@ -146,6 +342,7 @@ def spec_for(raw_config: dict) -> ArchSpec:
     model_type = raw_config.get("model_type")
     spec = ARCHITECTURES.get(model_type)
     if spec is not None:
+        check_quantization(raw_config)
         return spec
     supported = ", ".join(sorted(ARCHITECTURES))
     if not any(raw_config.get(key) for key in _EXPERT_COUNT_KEYS):
@@ -157,3 +354,12 @@ def spec_for(raw_config: dict) -> ArchSpec:
         f"unsupported model_type '{model_type}': supported families are {supported}; "
         f"add an entry to streammerge/arch.py to support it"
     )
+
+
+def families_table() -> str:
+    """The README's list of supported families, rendered from ARCHITECTURES (the one source of truth)."""
+    rows = ["| Family | model_type | Routing | Kept untouched |", "|---|---|---|---|"]
+    for spec in ARCHITECTURES.values():
+        layout = " Experts fused on disk (kept fused)." if spec.fused else ""
+        rows.append(f"| {spec.family} | `{spec.model_type}` | {spec.routing}.{layout} | {spec.shared_expert} |")
+    return "\n".join(rows) + "\n"

@@ -62,6 +62,23 @@ def router_rows(router: torch.Tensor, groups: list[list[int]], frequencies: torc
     return rows.to(router.dtype).contiguous()
 
 
+def router_vector(vector: torch.Tensor, groups: list[list[int]], frequencies: torch.Tensor, method: str,
+                  dim: int = 0) -> torch.Tensor:
+    """One entry per group of a per-expert router vector (`e_score_correction_bias`, `router.bias`,
+    `expert_bias`, ERNIE's [1, E] statics along dim 1), sliced or merged along the expert axis `dim` as the
+    router rows are: a singleton keeps its own entry, `dominant` the most-used member's, other methods the
+    frequency-weighted mean of the members'."""
+    moved = vector.movedim(dim, 0)
+    entries = []
+    for members in groups:
+        if len(members) == 1 or method == "dominant":
+            entries.append(moved[max(members, key=lambda e: (frequencies[e].item(), -e))].float())
+        else:
+            weights = member_weights(members, frequencies, "freq").float()
+            entries.append((moved[members].float() * weights.view(-1, *([1] * (moved.dim() - 1)))).sum(0))
+    return torch.stack(entries).to(vector.dtype).movedim(0, dim).contiguous()
+
+
 def _fit(router, groups, start, x, method, ridge):
     logits = x @ router.T
     gram = x.T @ x / len(x)

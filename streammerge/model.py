@@ -69,7 +69,7 @@ class Model:
         """Every checkpoint tensor must belong to the architecture, with the config's shapes (no weights read)."""
         layered = {n for layer in range(self.config.num_hidden_layers) for n in self.layer_names(layer)}
         for name in self.reader.weight_map:
-            if name not in layered and name not in GLOBAL_TENSORS:
+            if name not in layered and name not in self.spec.global_tensors:
                 raise CheckpointError(
                     f"unknown tensor {name}: it is not part of a {self.spec.family} checkpoint with "
                     f"{self.config.num_hidden_layers} layers; the checkpoint and config.json disagree"
@@ -136,5 +136,5 @@ class Model:
             canonical = attribute_map.get(attribute, attribute)
             keys = [k for k in raw if attribute_map.get(k, k) == canonical] or [attribute]
             for key in keys:
-                raw[key] = value
+                raw[key] = [value] * len(raw[key]) if isinstance(raw.get(key), list) else value
         return raw

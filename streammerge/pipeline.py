@@ -23,7 +23,7 @@ from .checkpoint import INDEX_NAME, CheckpointReader, Deferred, save_json, save_
 from .cluster import cluster_experts, prune_experts
 from .errors import CheckpointError, InputError, Interrupted
 from .journal import PROVENANCE, Journal
-from .merge import member_weights, merge_tensors, router_rows
+from .merge import member_weights, merge_tensors, router_rows, router_vector
 from .model import Model
 from .runner import LayerRunner, reduced_config
 from .statistics import ExpertStatistics
@@ -105,6 +105,10 @@ class Run:
         self.moe_layers = set(self.spec.moe_layers(self.config))
         self.num_experts = self.spec.num_experts(self.config)
         self.k = target_experts(self.num_experts, options.ratio, options.experts)
+        self.spec.check_experts_kept(self.config, self.k)
+        if options.router in ("lsefit", "kl") and not self.spec.softmax_router:
+            raise InputError(f"--router {options.router} fits a softmax router; {self.spec.family} routes by "
+                             f"{self.spec.routing}: use --router dominant or freqavg")
         self.device = resolve_device(options.device)
         self.dtype = resolve_dtype(options.dtype, self.device, self.model.weights_dtype)
         self.tokens = sample_windows(self.model.tokenizer(), options.calib, options.samples, options.seqlen, options.seed)
@@ -142,7 +146,7 @@ class Run:
         store = self.hidden(0)
         for c, rows in enumerate(self.chunks):
             ids = self.tokens[rows.start:rows.stop]
-            store.write(c, torch.nn.functional.embedding(ids, table).to(self.dtype))
+            store.write(c, self.runner.embed(ids, table).to(self.dtype))
 
     def write_hidden(self, store: HiddenStates, chunk: int, hidden: torch.Tensor) -> None:
         """Queue a chunk for the writer thread, so the disk write overlaps the next chunk's compute."""
@@ -208,9 +212,10 @@ class Run:
                 stats.add_sample(x[rows], torch.stack(sampled))
                 sampled.clear()
 
-        hooks = [module.mlp.register_forward_pre_hook(lambda _, args: block.update(x=args[0])),
-                 module.mlp.register_forward_hook(lambda _, args, out: block.update(y=out))]
-        module.mlp.experts.observer = observe
+        moe = self.spec.moe_block(module)
+        hooks = [moe.register_forward_pre_hook(lambda _, args: block.update(x=args[0])),
+                 moe.register_forward_hook(lambda _, args, out: block.update(y=out[0] if isinstance(out, tuple) else out))]
+        moe.experts.observer = observe
         try:
             for c in tqdm(range(len(self.chunks)), desc=f"layer {layer} statistics", leave=False, disable=None):
                 current["chunk"] = c
@@ -218,7 +223,7 @@ class Run:
                 if self.options.propagate == "original":
                     self.write_hidden(target, c, out)
         finally:
-            module.mlp.experts.observer = None
+            moe.experts.observer = None
             for hook in hooks:
                 hook.remove()
         hidden = self.config.hidden_size
@@ -228,16 +233,22 @@ class Run:
     def candidates(self, stats: ExpertStatistics) -> dict[str, list[list[int]]]:
         opts = self.options
         wanted = ("hcsmoe", "prune-freq", "prune-reap") if opts.method == "auto" else (opts.method,)
+        ranges = self.spec.group_ranges(self.config)  # group-limited routing: experts never leave their group
+        k = self.k // len(ranges)
         groups = {}
         for method in wanted:
-            if method == "prune-freq":
-                groups[method] = prune_experts(stats.counts, self.k)
-            elif method == "prune-reap":
-                groups[method] = prune_experts(stats.reap, self.k)
-            elif opts.feature == "token-distance":
-                groups[method] = cluster_experts(self.k, opts.linkage, distances=stats.token_distance.numpy())
-            else:
-                groups[method] = cluster_experts(self.k, opts.linkage, opts.metric, features=stats.mean_output.numpy())
+            groups[method] = []
+            for members in ranges:
+                ix = torch.tensor(list(members))
+                if method == "prune-freq":
+                    local = prune_experts(stats.counts[ix], k)
+                elif method == "prune-reap":
+                    local = prune_experts(stats.reap[ix], k)
+                elif opts.feature == "token-distance":
+                    local = cluster_experts(k, opts.linkage, distances=stats.token_distance[ix][:, ix].numpy())
+                else:
+                    local = cluster_experts(k, opts.linkage, opts.metric, features=stats.mean_output[ix].numpy())
+                groups[method] += [[members[e] for e in group] for group in local]
         return groups
 
     def compress(self, layer: int, tensors: dict, stats: ExpertStatistics, held) -> tuple[dict, dict]:
@@ -261,18 +272,21 @@ class Run:
 
     def layer_tensors(self, layer: int, tensors: dict, groups: list[list[int]], stats: ExpertStatistics) -> dict:
         spec, opts = self.spec, self.options
-        routed = {spec.router_name(layer)} | {n for e in range(self.num_experts) for n in spec.expert_names(layer, e)}
+        routed = spec.routed_names(layer, self.num_experts)
         out = {name: t for name, t in tensors.items() if name not in routed}
         router = tensors[spec.router_name(layer)]
         out[spec.router_name(layer)] = router_rows(router, groups, stats.frequencies, opts.router,
                                                    stats.router_inputs if opts.router in ("lsefit", "kl") else None)
-        for k, members in enumerate(groups):
+        for name, dim in spec.router_vector_names(layer):  # e_score_correction_bias, router.bias, ...
+            out[name] = router_vector(tensors[name], groups, stats.frequencies, opts.router, dim)
+        merged = []
+        for members in groups:
             weights = member_weights(members, stats.frequencies, opts.merge)
-            for projection in spec.projections:
-                sources = [tensors[spec.expert_name(layer, e, projection)] for e in members]
-                merged = sources[0] if len(sources) == 1 else Deferred(
-                    tuple(sources[0].shape), sources[0].dtype, partial(merge_tensors, sources, weights))
-                out[spec.expert_name(layer, k, projection)] = merged
+            parts = [spec.expert_parts(tensors, layer, e) for e in members]
+            merged.append({p: parts[0][p] if len(parts) == 1 else Deferred(
+                tuple(parts[0][p].shape), parts[0][p].dtype, partial(merge_tensors, [x[p] for x in parts], weights))
+                for p in parts[0]})
+        out.update(spec.expert_tensors(layer, merged))
         return out
 
     @torch.no_grad()
@@ -280,14 +294,15 @@ class Run:
         """Relative error ||y' - y|| / ||y|| of the compressed MoE block's output on the scored tokens."""
         x, expected = held
         module = self.runner.build(layer, out, reduced_config(self.spec, self.config, self.k))
-        got = module.mlp(x.unsqueeze(0)).reshape(expected.shape)
+        got = self.spec.moe_block(module)(x.unsqueeze(0))
+        got = (got[0] if isinstance(got, tuple) else got).reshape(expected.shape)
         return ((got - expected).double().norm() / expected.double().norm()).item()
 
     def finalize(self, records: list[dict]) -> None:
         """Write the non-layer shard, copies, provenance and card, then the index and config last."""
         reader = self.model.reader
         globals_shard = shard_name(self.num_layers, self.total_shards)
-        global_names = [n for n in GLOBAL_TENSORS if n in reader.weight_map]
+        global_names = [n for n in self.spec.global_tensors if n in reader.weight_map]
         save_shard(self.out_dir / globals_shard, reader.read(global_names))
         for path in self.model.extra_files():
             shutil.copyfile(path, self.out_dir / path.name)

@@ -6,7 +6,7 @@ import copy
 
 import torch
 from torch import nn
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers import AutoModelForCausalLM
 
 from .arch import ArchSpec
 from .checkpoint import materialize
@@ -15,26 +15,41 @@ from .errors import CheckpointError
 
 def split_layer(spec: ArchSpec, config, layer: int, tensors: dict[str, torch.Tensor]):
     """One layer's on-disk tensors as (state dict of the in-memory layer without routed experts,
-    list of each routed expert's (gate, up, down) weights).
+    list of each routed expert's parts: its projections, or its slices of the fused tensors).
 
     The experts stay apart so they can go to the device one at a time (`ExpertStream`).
     """
     prefix = spec.layer_prefix(layer)
-    state = {name[len(prefix):]: t for name, t in tensors.items()}
+    tensors = dict(tensors)
     experts = []
     if spec.is_moe_layer(config, layer):
-        for e in range(spec.num_experts(config)):
-            try:
-                experts.append(tuple(state.pop(f"{spec.moe_prefix}.experts.{e}.{p}.weight") for p in spec.projections))
-            except KeyError as exc:
+        count = spec.num_experts(config)
+        names = spec.expert_tensor_names(layer, count)
+        missing = [n for n in names if n not in tensors]
+        if missing:
+            raise CheckpointError(
+                f"layer {layer} lacks expert tensor {missing[0]} that the config's "
+                f"{spec.experts_key}={count} requires: the checkpoint is incomplete"
+            )
+        for name in spec.fused_names(layer) if spec.fused else ():
+            if tensors[name].dim() == 0 or tensors[name].shape[0] != count:
                 raise CheckpointError(
-                    f"layer {layer} lacks expert tensor {prefix}{exc.args[0]} that the config's "
-                    f"{spec.experts_key}={spec.num_experts(config)} requires: the checkpoint is incomplete"
-                ) from exc
-    if spec.moe_prefix != "mlp":
-        state = {("mlp." + k[len(spec.moe_prefix) + 1:] if k.startswith(spec.moe_prefix + ".") else k): t
-                 for k, t in state.items()}
-    return state, experts
+                    f"{name} holds {tensors[name].shape[0] if tensors[name].dim() else 0} experts, the config's "
+                    f"{spec.experts_key}={count}: the checkpoint and config.json disagree"
+                )
+        experts = [spec.expert_parts(tensors, layer, e) for e in range(count)]
+        for name in names:
+            del tensors[name]
+    state = {name[len(prefix):]: t for name, t in tensors.items()}
+    renames = {f"{spec.moe_prefix}.{disk}": f"{spec.moe_attr}.{memory}" for disk, memory in spec.renames}
+    moved = {}
+    for key, t in state.items():
+        if key in renames:
+            key = renames[key]
+        elif key.startswith(spec.moe_prefix + ".") and spec.moe_prefix != spec.moe_attr:
+            key = spec.moe_attr + key[len(spec.moe_prefix):]
+        moved[key] = t
+    return moved, experts
 
 
 def runtime_config(config, attn_implementation: str = "sdpa"):
@@ -50,11 +65,17 @@ def runtime_config(config, attn_implementation: str = "sdpa"):
     return config
 
 
+def _set_count(config, key: str, value: int) -> None:
+    current = getattr(config, key)
+    setattr(config, key, [value] * len(current) if isinstance(current, (list, tuple)) else value)
+
+
 def reduced_config(spec: ArchSpec, config, num_experts: int):
     """The config of the compressed layer: `num_experts` routed experts and top-k capped to that."""
     config = copy.deepcopy(config)
-    setattr(config, spec.experts_key, num_experts)
-    setattr(config, spec.top_k_key, min(spec.top_k(config), num_experts))
+    top_k = spec.top_k(config)
+    _set_count(config, spec.experts_key, num_experts)
+    _set_count(config, spec.top_k_key, min(top_k, num_experts))
     return config
 
 
@@ -67,16 +88,17 @@ def load_layer(spec: ArchSpec, config, layer: int, tensors: dict[str, torch.Tens
     byte of weights.
     """
     with torch.device("meta"):
-        module = spec.classes()[0](config, layer)
+        module = spec.layer_class_for(config, layer)(config, layer)
     state, experts = split_layer(spec, config, layer, tensors)
     if experts:
-        module.mlp.experts = ExpertStream(type(module.mlp.experts), spec, config, experts, device, dtype)
+        block = spec.moe_block(module)
+        block.experts = ExpertStream(type(block.experts), spec, config, experts, device, dtype)
     if device is not None:
         state = {k: t.to(device=device, dtype=dtype) for k, t in state.items()}
     try:
         module.load_state_dict(state, strict=True, assign=True)
         if device is None and experts:
-            module.mlp.experts.check(layer)
+            spec.moe_block(module).experts.check(layer)
     except RuntimeError as exc:
         detail = " ".join(str(exc).split())
         raise CheckpointError(
@@ -94,36 +116,38 @@ class ExpertStream(nn.Module):
     Each expert runs on every token through a one-expert instance of transformers' own experts class
     (so its math is the model's), and the routed combination is returned as the layer expects. Every
     expert's output on all tokens is what the statistics need anyway, so `observer(expert, x, y,
-    top_k_index, top_k_weights)` sees each one and nothing is computed twice.
+    top_k_index, top_k_weights)` sees each one and nothing is computed twice. The routing it gets is
+    the one the family's own router computed.
     """
 
-    def __init__(self, experts_class, spec: ArchSpec, config, experts: list[tuple], device, dtype):
+    def __init__(self, experts_class, spec: ArchSpec, config, experts: list[dict], device, dtype):
         super().__init__()
         with torch.device("meta"):
             one = experts_class(reduced_config(spec, config, 1))
         # Not a registered submodule: its weights are whichever expert ran last, not part of the layer.
         object.__setattr__(self, "one", one)
+        self.spec = spec
         self.experts = experts
         self.device = device
         self.dtype = dtype
         self.observer = None
 
     def check(self, layer: int) -> None:
-        for gate, up, down in self.experts:
-            self.one.load_state_dict(self._state(gate, up, down), strict=True, assign=True)
-
-    @staticmethod
-    def _state(gate, up, down) -> dict:
-        return {"gate_up_proj": torch.cat([gate, up])[None], "down_proj": down[None]}
+        for parts in self.experts:
+            self.one.load_state_dict(self.spec.experts_state(parts), strict=True, assign=True)
 
     def output(self, expert: int, x: torch.Tensor) -> torch.Tensor:
         """Expert `expert` applied to every row of `x` [N, H]."""
-        weights = (materialize(t) for t in self.experts[expert])
-        state = {k: t.to(device=self.device, dtype=self.dtype) for k, t in self._state(*weights).items()}
+        parts = {name: materialize(t) for name, t in self.experts[expert].items()}  # merged experts are Deferred
+        state = {k: t.to(device=self.device, dtype=self.dtype) for k, t in self.spec.experts_state(parts).items()}
+        del parts
         self.one.load_state_dict(state, strict=True, assign=True)
+        del state
         index = torch.zeros((x.shape[0], 1), device=x.device, dtype=torch.long)
         weight = torch.ones((x.shape[0], 1), device=x.device, dtype=x.dtype)
-        return self.one(x, index, weight)
+        y = self.one(x, index, weight)
+        self.one.to("meta")  # free this expert's weights before the next one is loaded
+        return y
 
     def forward(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         """Observed: every expert on every token (the statistics need them all). Otherwise only the
@@ -144,47 +168,80 @@ class ExpertStream(nn.Module):
         return combined
 
 
+class _Recorder(nn.Module):
+    """Stands in for decoder layer `index` in a meta copy of the model: records what the model passes it."""
+
+    def __init__(self, index: int, original: nn.Module, calls: dict):
+        super().__init__()
+        self.index = index
+        self.calls = calls
+        for name, value in vars(original).items():  # attention_type, layer_type, ... that model loops read
+            if not name.startswith("_") and isinstance(value, (str, int, float, bool, type(None))):
+                setattr(self, name, value)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.calls[self.index] = (args, kwargs)
+        return hidden_states
+
+
 class LayerRunner:
-    """Builds layers on the meta device, fills them from tensors and runs them on `device`."""
+    """Builds layers on the meta device, fills them from tensors and runs them on `device`.
+
+    Each layer's arguments (rotary embeddings, the causal, sliding, chunked or linear-attention mask of its
+    type, positions) are those transformers' own model passes it: the whole model is built on meta with
+    recording stand-ins for its layers and run once per input shape, so hybrid families need no code here.
+    """
 
     def __init__(self, spec: ArchSpec, config, device: torch.device, dtype: torch.dtype):
         self.spec = spec
-        self.config = runtime_config(config)
+        self.config = runtime_config(config, spec.attn_implementation)
         self.device = device
         self.dtype = dtype
-        rotary_class = spec.classes()[1]
-        self.rotary = rotary_class(config=self.config).to(device)
         self._context: dict[tuple[int, int], dict] = {}
+        self._base = None
 
     def build(self, layer: int, tensors: dict[str, torch.Tensor], config=None) -> nn.Module:
-        config = self.config if config is None else runtime_config(config)
+        config = self.config if config is None else runtime_config(config, self.spec.attn_implementation)
         return load_layer(self.spec, config, layer, tensors, self.device, self.dtype)
 
-    def context(self, batch: int, seqlen: int, layer: int) -> dict:
-        """Rotary embeddings, positions and the layer type's causal mask, built once per shape."""
-        layer_types = getattr(self.config, "layer_types", None)
-        if layer_types:
-            layer_type = layer_types[layer]
-        else:  # families without layer_types pick by the config's window, as their model classes do
-            layer_type = "sliding_attention" if getattr(self.config, "sliding_window", None) else "full_attention"
-        key = (batch, seqlen, layer_type)
+    def embed(self, ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """Layer 0's input: the embedding lookup, scaled where the family scales it (granite)."""
+        hidden = torch.nn.functional.embedding(ids, table)
+        if self.spec.embedding_multiplier_key:
+            hidden = hidden * getattr(self.config, self.spec.embedding_multiplier_key)
+        return hidden
+
+    def _meta_model(self) -> nn.Module:
+        if self._base is None:
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(self.config)
+            base = model.model
+            calls: dict = {}
+            for name, child in list(base.named_children()):
+                if name == "layers":
+                    setattr(base, name, nn.ModuleList(_Recorder(i, l, calls) for i, l in enumerate(child)))
+                elif "Rotary" in type(child).__name__:  # computed buffers: rebuilt for real
+                    setattr(base, name, type(child)(config=self.config).to(self.device))
+                elif name != "embed_tokens" and any(True for _ in child.parameters()):
+                    setattr(base, name, nn.Identity())  # the final norm: never reached by the layers
+            base.calls = calls
+            self._base = base
+        return self._base
+
+    @torch.no_grad()
+    def context(self, batch: int, seqlen: int, layer: int) -> tuple[tuple, dict]:
+        """The positional and keyword arguments the model passes layer `layer` for this input shape."""
+        key = (batch, seqlen)
         if key not in self._context:
+            base = self._meta_model()
+            base.calls.clear()
             embeds = torch.zeros(batch, seqlen, self.config.hidden_size, device=self.device, dtype=self.dtype)
-            positions = torch.arange(seqlen, device=self.device).unsqueeze(0).expand(batch, -1)
-            mask_args = dict(config=self.config, inputs_embeds=embeds, attention_mask=None,
-                             past_key_values=None, position_ids=positions)
-            if layer_type == "sliding_attention":
-                mask = create_sliding_window_causal_mask(**mask_args)
-            else:
-                mask = create_causal_mask(**mask_args)
-            self._context[key] = dict(
-                position_embeddings=self.rotary(embeds, positions),
-                attention_mask=mask,
-                position_ids=positions,
-            )
-        return self._context[key]
+            base(inputs_embeds=embeds, use_cache=False)
+            self._context[key] = dict(base.calls)
+        return self._context[key][layer]
 
     @torch.no_grad()
     def forward(self, module: nn.Module, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        return module(hidden, **self.context(hidden.shape[0], hidden.shape[1], layer))
-
+        args, kwargs = self.context(hidden.shape[0], hidden.shape[1], layer)
+        out = module(hidden, *args, **kwargs)
+        return out[0] if isinstance(out, tuple) else out

@@ -86,7 +86,7 @@ def test_refuses_a_non_empty_directory_and_an_unsupported_family(tmp_path):
     (tmp_path / "busy" / "file").write_text("keep me")
     with pytest.raises(SystemExit, match="not empty"):
         make_synthetic.make_synthetic(shrunken_config("mixtral", tmp_path), tmp_path / "busy", layers=1)
-    deepseek = tmp_path / "deepseek.json"
-    deepseek.write_text(json.dumps({"model_type": "deepseek_v3", "n_routed_experts": 256}))
+    dbrx = tmp_path / "dbrx.json"  # deepseek_v3 was the example here until it became supported
+    dbrx.write_text(json.dumps({"model_type": "dbrx", "ffn_config": {"moe_num_experts": 16}, "num_experts": 16}))
     with pytest.raises(SystemExit, match="unsupported model_type"):
-        make_synthetic.main([str(deepseek), str(tmp_path / "ds"), "--layers", "1"])
+        make_synthetic.main([str(dbrx), str(tmp_path / "ds"), "--layers", "1"])

@@ -127,11 +127,12 @@ def test_bad_options_are_refused(tmp_path, args, phrase):
 def test_unsupported_and_missing_models_are_refused(tmp_path):
     result = CliRunner().invoke(main, ["plan", str(tmp_path / "nope"), "--ratio", "0.5"])
     assert result.exit_code == 2 and "does not exist" in result.output
-    deepseek = tmp_path / "deepseek"
-    deepseek.mkdir()
-    (deepseek / "config.json").write_text(json.dumps({"model_type": "deepseek_v3", "n_routed_experts": 256}))
-    result = CliRunner().invoke(main, ["plan", str(deepseek), "--ratio", "0.5"])
-    assert result.exit_code == 2 and "unsupported model_type 'deepseek_v3'" in result.output, result.output
+    dbrx = tmp_path / "dbrx"  # deepseek_v3 was the example here until it became supported
+    dbrx.mkdir()
+    (dbrx / "config.json").write_text(json.dumps({"model_type": "dbrx", "ffn_config": {"moe_num_experts": 16},
+                                                  "num_experts": 16}))
+    result = CliRunner().invoke(main, ["plan", str(dbrx), "--ratio", "0.5"])
+    assert result.exit_code == 2 and "unsupported model_type 'dbrx'" in result.output, result.output
 
 
 def test_weights_make_a_checkpoint_plan(tiny_models, tmp_path):

@@ -17,11 +17,28 @@ FAMILIES = {
     "qwen3_moe": "Qwen__Qwen3-30B-A3B",
     "olmoe": "allenai__OLMoE-1B-7B-0924",
 }
+# Families checked by tests/test_families.py (routing other than softmax top-k, fused layouts, hybrids):
+# model_type -> (real config in tests/configs/, or None for transformers' defaults; overrides that shrink it
+# while keeping its routing fields consistent).
+_MLA = dict(num_key_value_heads=4, kv_lora_rank=32, q_lora_rank=None, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
+MORE_FAMILIES = {
+    "deepseek_v2": ("deepseek-ai__DeepSeek-V2-Lite", dict(n_routed_experts=16, **_MLA)),
+    "deepseek_v3": ("deepseek-ai__DeepSeek-V3",  # 8 groups, top-4 groups, top-8: kept with 32 experts
+                    dict(n_routed_experts=32, first_k_dense_replace=1, **{**_MLA, "q_lora_rank": 48})),
+    "glm4_moe": ("zai-org__GLM-4.5-Air", dict(n_routed_experts=16)),
+    "glm4_moe_lite": (None, dict(n_routed_experts=16, mlp_layer_types=["dense", "sparse", "sparse"],
+                                 **{**_MLA, "v_head_dim": 32, "q_lora_rank": 48})),
+    "dots1": (None, dict(n_routed_experts=16, num_experts_per_tok=4, n_shared_experts=1, first_k_dense_replace=1)),
+}
 SHRUNK = {
     "hidden_size": 64, "intermediate_size": 96, "moe_intermediate_size": 32,
     "shared_expert_intermediate_size": 48, "num_attention_heads": 4, "num_key_value_heads": 2,
     "head_dim": 16, "max_window_layers": 2,
 }
+
+
+ROUTERS = ("router.weight", "gate.wg.weight", "feed_forward.gate.weight", "router.layer.weight")
+ROUTER_VECTORS = ("e_score_correction_bias", "router.bias", "expert_bias")
 
 
 def make_tokenizer(out_dir: Path, vocab_size: int = 384) -> PreTrainedTokenizerFast:
@@ -37,8 +54,22 @@ def make_tokenizer(out_dir: Path, vocab_size: int = 384) -> PreTrainedTokenizerF
 
 
 def tiny_config(family: str, layers: int = 3, vocab_size: int = 384, **overrides):
-    raw = json.loads((CONFIGS / f"{FAMILIES[family]}.json").read_text())
-    raw.update({k: v for k, v in SHRUNK.items() if k in raw})
+    if family in MORE_FAMILIES:
+        name, shrink = MORE_FAMILIES[family]
+        if name is None:
+            raw = AutoConfig.for_model(family).to_dict()
+            for derived in ("layer_types", "mlp_layer_types", "transformers_version", "architectures"):
+                raw.pop(derived, None)  # per-layer lists sized for the default depth: rebuilt by the class
+            raw.update({k: v for k, v in SHRUNK.items() if k in raw or k in ("num_attention_heads", "hidden_size")})
+        else:
+            raw = json.loads((CONFIGS / f"{name}.json").read_text())
+            raw.update({k: v for k, v in SHRUNK.items() if k in raw})
+        raw.pop("quantization_config", None)  # tiny models are float32
+        raw.pop("auto_map", None)
+        raw.update(shrink)
+    else:
+        raw = json.loads((CONFIGS / f"{FAMILIES[family]}.json").read_text())
+        raw.update({k: v for k, v in SHRUNK.items() if k in raw})
     raw.update(num_hidden_layers=layers, vocab_size=vocab_size, **overrides)
     for token in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if token in raw:
@@ -58,5 +89,11 @@ def make_model(family: str, out_dir: Path, seed: int = 0, shard_size: str = "150
         for name, p in model.named_parameters():
             if name.endswith("mlp.gate.weight"):
                 p.normal_(0, 0.5)
+        if family in MORE_FAMILIES:
+            for name, p in [*model.named_parameters(), *model.named_buffers()]:
+                if name.endswith(ROUTERS):
+                    p.normal_(0, 0.5)
+                elif name.endswith(ROUTER_VECTORS):  # nonzero, so slicing them is checked
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.1)
     model.save_pretrained(out_dir, max_shard_size=shard_size)
     return out_dir

@@ -1,0 +1,167 @@
+"""Every family beyond the softmax-top-k originals: the layer runner equals the full forward, `run --ratio 0.5`
+writes a strictly loadable checkpoint with half the experts in the input's layout, and the routing the
+statistics count is exactly what transformers' own router returns."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from streammerge.arch import ARCHITECTURES, families_table
+from streammerge.checkpoint import CheckpointReader
+from streammerge.errors import InputError, UnsupportedArchitectureError
+from streammerge.model import Model
+from streammerge.pipeline import Run, RunOptions, run
+from streammerge.runner import LayerRunner
+from tiny_models import FAMILIES, MORE_FAMILIES
+
+OPTIONS = dict(samples=4, seqlen=16, batch=2, ratio=0.5, device="cpu")
+TESTED = sorted(f for f in MORE_FAMILIES if f in ARCHITECTURES)
+
+
+@pytest.fixture(params=TESTED)
+def more_family(request):
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def halved(tiny_models, tmp_path_factory):
+    outputs = {}
+
+    def get(family):
+        if family not in outputs:
+            out = tmp_path_factory.mktemp(f"{family}-half") / "out"
+            run(tiny_models(family), out, RunOptions(**OPTIONS))
+            outputs[family] = out
+        return outputs[family]
+
+    return get
+
+
+def test_every_table_entry_is_tested():
+    assert set(ARCHITECTURES) == set(FAMILIES) | set(TESTED)
+
+
+def test_layers_match_full_forward(tiny_models, more_family):
+    model_dir = tiny_models(more_family)
+    model = Model.open(model_dir)
+    tokens = torch.randint(3, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    full = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = full(tokens, output_hidden_states=True).hidden_states
+    runner = LayerRunner(model.spec, model.config, torch.device("cpu"), torch.float32)
+    hidden = runner.embed(tokens, model.reader.read(["model.embed_tokens.weight"])["model.embed_tokens.weight"])
+    for layer in range(model.config.num_hidden_layers):
+        module = runner.build(layer, model.reader.read(model.layer_names(layer)))
+        hidden = runner.forward(module, layer, hidden)
+        last = layer == model.config.num_hidden_layers - 1
+        got = full.model.norm(hidden) if last else hidden  # transformers' last hidden state is normed
+        assert (got - expected[layer + 1]).abs().max().item() <= 1e-5, f"layer {layer}"
+
+
+def _router_module(spec, block):
+    """transformers' router inside a MoE block: the module on the router weight's path returning a tuple."""
+    path = dict(spec.renames).get(spec.router, spec.router).removesuffix(".weight").split(".")
+    return [block.get_submodule(".".join(path[:i])) for i in range(len(path), 0, -1)]
+
+
+def test_routing_statistics_equal_router_outputs(tiny_models, more_family, tmp_path):
+    model_dir = tiny_models(more_family)
+    state = Run(model_dir, tmp_path / "out", RunOptions(**OPTIONS))
+    state.journal.open(state.signature_fields(), state.output_files(), state.num_layers, restart=False)
+    state.embed()
+    full = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    chosen = {}
+
+    def hook(layer):
+        def record(module, args, out):
+            if isinstance(out, tuple) and len(out) == 3:  # (logits, top-k weights, top-k indices)
+                chosen.setdefault(layer, []).append(out[2])
+        return record
+
+    for layer in state.moe_layers:
+        for module in _router_module(state.spec, state.spec.moe_block(full.model.layers[layer])):
+            module.register_forward_hook(hook(layer))
+    with torch.no_grad():
+        for rows in state.chunks:
+            full(state.tokens[rows.start:rows.stop])
+    for layer in range(state.num_layers):
+        module = state.runner.build(layer, state.model.reader.read(state.model.layer_names(layer)))
+        if layer in state.moe_layers:
+            stats, _ = state.measure(layer, module, state.hidden(layer), state.hidden(layer + 1))
+            expected = torch.bincount(torch.cat(chosen[layer]).flatten(), minlength=state.num_experts)
+            assert torch.equal(stats.counts, expected), layer
+        else:
+            state.propagate(layer, module)
+        getattr(state, "flush_hidden", lambda: None)()  # hidden states may be written by a thread
+
+
+def test_half_the_experts_load_strictly_and_generate(tiny_models, halved, more_family):
+    spec = ARCHITECTURES[more_family]
+    source_dir, out = tiny_models(more_family), halved(more_family)
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()), info
+    before = spec.num_experts(AutoModelForCausalLM.from_pretrained(source_dir).config)
+    k = json.loads((out / "streammerge.json").read_text())["experts_after"]
+    assert k == before // 2 and spec.num_experts(model.config) == k
+    assert spec.top_k(model.config) <= k
+    source, merged = CheckpointReader(source_dir), CheckpointReader(out)
+    assert sorted(merged.names()) == sorted(
+        n for n in source.names()
+        if not any(f".experts.{e}." in n for e in range(k, before)))  # same names, experts renumbered 0..K-1
+    for layer in spec.moe_layers(model.config):
+        assert merged.info[spec.router_name(layer)][1][0] == k
+        for name, dim in spec.router_vector_names(layer):
+            assert merged.info[name][1][dim] == k
+        for name in spec.fused_names(layer):
+            assert merged.info[name][1] == (k, *source.info[name][1][1:])
+    routed = {n for layer in spec.moe_layers(model.config) for n in spec.routed_names(layer, before)}
+    kept = [n for n in source.names() if n not in routed]
+    a, b = source.read(kept), merged.read(kept)
+    assert all(torch.equal(a[n], b[n]) for n in kept)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    generated = model.generate(**tokenizer("The module", return_tensors="pt"), max_new_tokens=4, do_sample=False)
+    assert generated.shape[1] > 2
+
+
+def test_group_limited_routing_keeps_experts_in_their_groups(tiny_models, halved):
+    out = halved("deepseek_v3")
+    config = AutoModelForCausalLM.from_pretrained(out).config
+    size = 32 // config.n_group
+    for layer in json.loads((out / "streammerge.json").read_text())["layers"]:
+        if "groups" in layer:
+            assert len(layer["groups"]) == 16
+            for k, members in enumerate(layer["groups"]):  # output group k//2 holds experts of input group k//2
+                assert {e // size for e in members} == {k // (16 // config.n_group)}
+
+
+def test_group_limited_routing_refuses_invalid_counts(tiny_models, tmp_path):
+    with pytest.raises(InputError, match="multiple of 8 with at least 2 per group"):
+        Run(tiny_models("deepseek_v3"), tmp_path / "out", RunOptions(**{**OPTIONS, "ratio": None, "experts": 8}))
+
+
+def test_quantized_checkpoints_are_refused_with_the_fix(tiny_models, tmp_path):
+    import shutil
+    directory = tmp_path / "fp8"
+    shutil.copytree(tiny_models("deepseek_v3"), directory)
+    config = json.loads((directory / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedArchitectureError, match="dequantize it to bf16 first"):
+        Model.open(directory)
+
+
+def test_unsupported_family_lists_the_supported_ones():
+    from streammerge.arch import spec_for
+    with pytest.raises(UnsupportedArchitectureError) as error:
+        spec_for({"model_type": "dbrx", "ffn_config": {}, "num_experts": 16})
+    assert all(model_type in str(error.value) for model_type in ARCHITECTURES)
+
+
+def test_readme_lists_exactly_the_table():
+    from pathlib import Path
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    start, end = "<!-- families:start -->\n", "<!-- families:end -->"
+    assert start in readme and end in readme
+    assert readme.split(start, 1)[1].split(end, 1)[0].strip() == families_table().strip()
