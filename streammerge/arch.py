@@ -58,6 +58,11 @@ def _after_num_dense(config, layer: int) -> bool:
     return layer >= config.num_dense_layers
 
 
+def _jamba_expert_layer(config, layer: int) -> bool:
+    # JambaAttentionDecoderLayer/JambaMambaDecoderLayer: a sparse block where layers_num_experts > 1.
+    return config.layers_num_experts[layer] > 1
+
+
 def _no_groups(config) -> tuple[int, int]:
     return 1, 1
 
@@ -315,6 +320,87 @@ _SPECS = (
         shared_expert="shared_experts (ungated); the first first_k_dense_replace layers are dense",
         is_moe_layer=_after_dense, router_vectors=(("gate.e_score_correction_bias", 0),),
         expert_groups=_deepseek_v3_groups, softmax_router=False,
+    ),
+    ArchSpec(
+        model_type="qwen3_next", family="Qwen3-Next", modeling_module=_transformers("qwen3_next"),
+        layer_class="Qwen3NextDecoderLayer", rotary_class="Qwen3NextRotaryEmbedding",
+        experts_key="num_experts", top_k_key="num_experts_per_tok",
+        moe_prefix="mlp", router="gate.weight", projections=_SWIGLU,
+        routing=f"{_SOFTMAX_TOPK}, renormalized iff norm_topk_prob; hybrid linear (gated DeltaNet) and full attention",
+        shared_expert="shared_expert and its sigmoid shared_expert_gate; linear-attention layers",
+        is_moe_layer=_qwen_sparse_step,
+    ),
+    ArchSpec(
+        model_type="minimax_m2", family="MiniMax-M2", modeling_module=_transformers("minimax_m2"),
+        layer_class="MiniMaxM2DecoderLayer", rotary_class="MiniMaxM2RotaryEmbedding",
+        experts_key="num_local_experts", top_k_key="num_experts_per_tok",
+        moe_prefix="block_sparse_moe", router="gate.weight", projections=_W,
+        routing="sigmoid (fp32) + e_score_correction_bias for the choice, top-k; weights without the bias, renormalized",
+        shared_expert="none", router_vectors=(("e_score_correction_bias", 0),), softmax_router=False,
+    ),
+    ArchSpec(
+        model_type="minimax", family="MiniMax (MiniMax-Text-01)", modeling_module=_transformers("minimax"),
+        layer_class="MiniMaxDecoderLayer", rotary_class="MiniMaxRotaryEmbedding",
+        experts_key="num_local_experts", top_k_key="num_experts_per_tok",
+        moe_prefix="block_sparse_moe", router="gate.weight", projections=_W,
+        routing=f"{_SOFTMAX_TOPK}, always renormalized; hybrid lightning (linear) and full attention",
+        shared_expert="none",
+    ),
+    ArchSpec(
+        model_type="phimoe", family="Phi-3.5-MoE (PhiMoE)", modeling_module=_transformers("phimoe"),
+        layer_class="PhimoeDecoderLayer", rotary_class="PhimoeRotaryEmbedding",
+        experts_key="num_local_experts", top_k_key="num_experts_per_tok",
+        moe_prefix="block_sparse_moe", router="gate.weight", projections=_W,
+        routing="sparsemixer: top-2 with threshold masking (router_jitter_noise), as transformers' PhimoeRouter",
+        shared_expert="none", renames=(("gate.weight", "router.weight"),), extra_globals=("model.norm.bias",),
+        softmax_router=False,
+    ),
+    ArchSpec(
+        model_type="hunyuan_v1_moe", family="Hunyuan-MoE", modeling_module=_transformers("hunyuan_v1_moe"),
+        layer_class="HunYuanMoEV1DecoderLayer", rotary_class="HunYuanMoEV1RotaryEmbedding",
+        experts_key="num_experts", top_k_key="moe_topk",
+        moe_prefix="mlp", router="gate.wg.weight", projections=_SWIGLU,
+        routing=f"{_SOFTMAX_TOPK}, always renormalized", shared_expert="shared_mlp",
+    ),
+    ArchSpec(
+        model_type="ernie4_5_moe", family="ERNIE 4.5 MoE", modeling_module=_transformers("ernie4_5_moe"),
+        layer_class="Ernie4_5_MoeDecoderLayer", rotary_class="Ernie4_5_MoeRotaryEmbedding",
+        experts_key="moe_num_experts", top_k_key="moe_k",
+        moe_prefix="mlp", router="gate.weight", projections=_SWIGLU,
+        routing=(f"{_SOFTMAX_TOPK} of the probabilities + moe_statics.e_score_correction_bias [1,E]; weights without "
+                 "the bias, renormalized (clamped by moe_norm_min)"),
+        shared_expert="shared_experts; layers outside moe_layer_start_index..end_index / moe_layer_interval are dense",
+        is_moe_layer=_ernie_interval, router_vectors=(("moe_statics.e_score_correction_bias", 1),),
+        renames=(("moe_statics.e_score_correction_bias", "gate.moe_statics.e_score_correction_bias"),),
+    ),
+    ArchSpec(
+        model_type="flex_olmo", family="FlexOlmo", modeling_module=_transformers("flex_olmo"),
+        layer_class="FlexOlmoDecoderLayer", rotary_class="FlexOlmoRotaryEmbedding",
+        experts_key="num_experts", top_k_key="num_experts_per_tok",
+        moe_prefix="mlp", router="gate.weight", projections=_SWIGLU,
+        routing=f"{_SOFTMAX_TOPK}, renormalized iff norm_topk_prob", shared_expert="none",
+    ),
+    ArchSpec(
+        model_type="lfm2_moe", family="LFM2-MoE", modeling_module=_transformers("lfm2_moe"),
+        layer_class="Lfm2MoeDecoderLayer", rotary_class="Lfm2MoeRotaryEmbedding",
+        experts_key="num_experts", top_k_key="num_experts_per_tok",
+        moe_prefix="feed_forward", moe_attr="feed_forward", router="gate.weight", projections=_W,
+        routing=("sigmoid (fp32) + expert_bias for the choice, top-k; weights without the bias, renormalized iff "
+                 "norm_topk_prob, × routed_scaling_factor; hybrid short convolutions and attention"),
+        shared_expert="none; the first num_dense_layers layers are dense; convolution layers",
+        is_moe_layer=_after_num_dense, router_vectors=(("expert_bias", 0),),
+        extra_globals=("model.embedding_norm.weight",), softmax_router=False,
+    ),
+    ArchSpec(
+        model_type="jamba", family="Jamba", modeling_module=_transformers("jamba"),
+        layer_class="JambaAttentionDecoderLayer",
+        layer_type_classes=(("attention", "JambaAttentionDecoderLayer"), ("mamba", "JambaMambaDecoderLayer")),
+        layer_type_key="layers_block_type",
+        experts_key="num_experts", top_k_key="num_experts_per_tok",
+        moe_prefix="feed_forward", moe_attr="feed_forward", router="router.weight", projections=_SWIGLU,
+        routing=f"{_SOFTMAX_TOPK}, never renormalized; hybrid Mamba and attention",
+        shared_expert="none; layers off expert_layer_period/offset are dense; Mamba layers",
+        is_moe_layer=_jamba_expert_layer, extra_globals=("model.final_layernorm.weight",),
     ),
 )
 

@@ -50,14 +50,23 @@ def test_layers_match_full_forward(tiny_models, more_family):
     full = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         expected = full(tokens, output_hidden_states=True).hidden_states
+    sparse = [i for i, layer in enumerate(full.model.layers) if hasattr(getattr(layer, model.spec.moe_attr, None), "experts")]
+    assert model.spec.moe_layers(model.config) == sparse and sparse  # the table's rule = transformers' layers
     runner = LayerRunner(model.spec, model.config, torch.device("cpu"), torch.float32)
     hidden = runner.embed(tokens, model.reader.read(["model.embed_tokens.weight"])["model.embed_tokens.weight"])
     for layer in range(model.config.num_hidden_layers):
         module = runner.build(layer, model.reader.read(model.layer_names(layer)))
         hidden = runner.forward(module, layer, hidden)
         last = layer == model.config.num_hidden_layers - 1
-        got = full.model.norm(hidden) if last else hidden  # transformers' last hidden state is normed
+        got = _final_norm(full.model)(hidden) if last else hidden  # transformers' last hidden state is normed
         assert (got - expected[layer + 1]).abs().max().item() <= 1e-5, f"layer {layer}"
+
+
+def _final_norm(base):
+    for name in ("norm", "final_layernorm", "embedding_norm"):
+        if hasattr(base, name):
+            return getattr(base, name)
+    raise AssertionError("no final norm")
 
 
 def _router_module(spec, block):

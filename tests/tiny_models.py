@@ -29,6 +29,21 @@ MORE_FAMILIES = {
     "glm4_moe_lite": (None, dict(n_routed_experts=16, mlp_layer_types=["dense", "sparse", "sparse"],
                                  **{**_MLA, "v_head_dim": 32, "q_lora_rank": 48})),
     "dots1": (None, dict(n_routed_experts=16, num_experts_per_tok=4, n_shared_experts=1, first_k_dense_replace=1)),
+    "qwen3_next": (None, dict(num_experts=16, num_experts_per_tok=4, shared_expert_intermediate_size=48,
+                              layer_types=["linear_attention", "full_attention", "linear_attention"],
+                              linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
+                              linear_num_value_heads=4)),
+    # use_mtp: transformers has no MTP layers, and generate() would look for them
+    "minimax_m2": ("MiniMaxAI__MiniMax-M2", dict(num_local_experts=16, intermediate_size=32, use_mtp=False)),
+    "minimax": (None, dict(num_local_experts=8, layer_types=["linear_attention", "full_attention", "linear_attention"])),
+    "phimoe": (None, dict(num_local_experts=8, rope_scaling=None)),
+    "hunyuan_v1_moe": (None, dict(num_experts=8, moe_topk=2)),
+    "ernie4_5_moe": (None, dict(moe_num_experts=8, moe_k=2, moe_layer_start_index=1, moe_intermediate_size=32)),
+    "flex_olmo": (None, dict(num_experts=8, num_experts_per_tok=2)),
+    "lfm2_moe": (None, dict(num_experts=8, num_experts_per_tok=2, num_dense_layers=1,
+                            layer_types=["conv", "full_attention", "conv"])),
+    "jamba": (None, dict(num_experts=8, num_experts_per_tok=2, attn_layer_period=2, attn_layer_offset=1,
+                         expert_layer_period=1, expert_layer_offset=0, mamba_d_state=8, mamba_expand=2)),
 }
 SHRUNK = {
     "hidden_size": 64, "intermediate_size": 96, "moe_intermediate_size": 32,
