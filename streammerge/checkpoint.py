@@ -237,6 +237,12 @@ def save_shard(path: Path, tensors: dict[str, "torch.Tensor | Deferred"]) -> str
     return digest.hexdigest()
 
 
+def read_shard(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of one safetensors file, as views of its memory map."""
+    with safe_open(path, framework="pt") as f:
+        return {name: f.get_tensor(name) for name in f.keys()}
+
+
 def save_json(path: Path, obj) -> None:
     text = json.dumps(obj, indent=2, sort_keys=False) + "\n"
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))

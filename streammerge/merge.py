@@ -26,7 +26,7 @@ def merge_tensors(tensors: list[torch.Tensor], weights: torch.Tensor) -> torch.T
         return tensors[0]
     merged = torch.zeros(tensors[0].shape, dtype=torch.float32)
     for tensor, weight in zip(tensors, weights.tolist()):
-        merged += tensor.float() * weight
+        merged.add_(tensor, alpha=weight)  # promotes in place: no float32 copy of each member
     return merged.to(tensors[0].dtype)
 
 

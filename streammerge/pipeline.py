@@ -19,7 +19,7 @@ from tqdm import tqdm
 from . import __version__
 from .arch import GLOBAL_TENSORS, ArchSpec
 from .calibration import DEFAULT_TEXT, HiddenStates, sample_windows
-from .checkpoint import INDEX_NAME, CheckpointReader, Deferred, save_json, save_shard
+from .checkpoint import INDEX_NAME, CheckpointReader, Deferred, read_shard, save_json, save_shard
 from .cluster import cluster_experts, prune_experts
 from .errors import CheckpointError, InputError, Interrupted
 from .journal import PROVENANCE, Journal
@@ -33,6 +33,7 @@ METHODS = ("hcsmoe", "prune-freq", "prune-reap", "auto")
 FEATURES = ("mean-output", "token-distance")
 PROPAGATIONS = ("original", "merged")
 SAMPLED_TOKENS_PER_CHUNK = 64
+SCORED_TOKENS = 512  # of the last chunk, on which compressed MoE blocks are scored
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,10 @@ class Run:
             store.write(c, self.runner.embed(ids, table).to(self.dtype))
 
     def write_hidden(self, store: HiddenStates, chunk: int, hidden: torch.Tensor) -> None:
-        """Queue a chunk for the writer thread, so the disk write overlaps the next chunk's compute."""
+        """Queue a chunk for the writer thread, so the disk write overlaps the next chunk's compute.
+        At most two chunks wait, so host memory stays at a few chunks, not the calibration set."""
+        while len(self.hidden_writes) >= 2:
+            self.hidden_writes.pop(0).result()
         self.hidden_writes.append(self.writer.submit(store.write, chunk, hidden.to("cpu")))
 
     def flush_hidden(self) -> None:
@@ -164,23 +168,40 @@ class Run:
         module = self.runner.build(layer, tensors)
         source, target = self.hidden(layer), self.hidden(layer + 1)
         record = {"layer": layer, "shard": shard_name(layer, self.total_shards)}
+        path = self.out_dir / record["shard"]
         if layer in self.moe_layers:
             stats, held = self.measure(layer, module, source, target)
             del module
-            out, summary = self.compress(layer, tensors, stats, held)
-            record.update(summary)
+            plans = self.candidates(stats)
+            outputs = {method: self.layer_tensors(layer, tensors, groups, stats) for method, groups in plans.items()}
+            # One candidate is scored after writing, from the file: merging twice would cost more than a read.
+            errors = {m: self.block_error(layer, out, held) for m, out in outputs.items()} if len(plans) > 1 else {}
+            method = min(errors, key=errors.get) if errors else next(iter(plans))
+            record.update(self.write(path, outputs[method]))
+            del tensors, outputs  # release the input layer's mapped pages before the output's are read
+            written = read_shard(path)
+            errors = errors or {method: self.block_error(layer, written, held)}
             if self.options.propagate == "merged":
-                self.propagate(layer, self.runner.build(layer, out, reduced_config(self.spec, self.config, self.k)))
+                self.propagate(layer, self.runner.build(layer, written, reduced_config(self.spec, self.config, self.k)))
+            record.update({
+                "method": method,
+                "groups": plans[method],
+                "error": round(errors[method], 6),
+                "errors": {m: round(e, 6) for m, e in errors.items()},
+                "frequencies": [round(f, 6) for f in stats.frequencies.tolist()],
+                "tokens": stats.tokens,
+            })
         else:
             self.propagate(layer, module)
-            out = dict(tensors)
+            record.update(self.write(path, tensors))
         self.flush_hidden()
-        path = self.out_dir / record["shard"]
-        record["sha256"] = save_shard(path, out)
-        record["bytes"] = path.stat().st_size
-        record["tensors"] = sorted(out)
-        record["tensor_bytes"] = sum(t.dtype.itemsize * math.prod(t.shape) for t in out.values())
         return record
+
+    @staticmethod
+    def write(path: Path, tensors: dict) -> dict:
+        digest = save_shard(path, tensors)
+        return {"sha256": digest, "bytes": path.stat().st_size, "tensors": sorted(tensors),
+                "tensor_bytes": sum(t.dtype.itemsize * math.prod(t.shape) for t in tensors.values())}
 
     def propagate(self, layer: int, module) -> None:
         source, target = self.hidden(layer), self.hidden(layer + 1)
@@ -207,7 +228,7 @@ class Run:
             if expert == 0:
                 stats.add_routing(top_k_index)
             stats.add_expert(expert, y, top_k_index, top_k_weights)
-            sampled.append(y[rows])
+            sampled.append(y[rows].clone())  # a strided view would keep all of y alive
             if expert == self.num_experts - 1:
                 stats.add_sample(x[rows], torch.stack(sampled))
                 sampled.clear()
@@ -227,7 +248,8 @@ class Run:
             for hook in hooks:
                 hook.remove()
         hidden = self.config.hidden_size
-        held = (block["x"].reshape(-1, hidden), block["y"].reshape(-1, hidden))
+        rows = slice(None, None, max(1, block["x"].numel() // hidden // SCORED_TOKENS))  # scoring stays cheap
+        held = (block["x"].reshape(-1, hidden)[rows].clone(), block["y"].reshape(-1, hidden)[rows].clone())
         return stats, held
 
     def candidates(self, stats: ExpertStatistics) -> dict[str, list[list[int]]]:
@@ -250,25 +272,6 @@ class Run:
                     local = cluster_experts(k, opts.linkage, opts.metric, features=stats.mean_output[ix].numpy())
                 groups[method] += [[members[e] for e in group] for group in local]
         return groups
-
-    def compress(self, layer: int, tensors: dict, stats: ExpertStatistics, held) -> tuple[dict, dict]:
-        """The layer's output tensors under the input's names, from the candidate with the lowest MoE-block
-        error on the scored tokens (the only candidate unless `--method auto`)."""
-        scored = {}
-        for method, groups in self.candidates(stats).items():
-            out = self.layer_tensors(layer, tensors, groups, stats)
-            scored[method] = (self.block_error(layer, out, held), groups, out)
-        method = min(scored, key=lambda m: scored[m][0])
-        error, groups, out = scored[method]
-        summary = {
-            "method": method,
-            "groups": groups,
-            "error": round(error, 6),
-            "errors": {m: round(e, 6) for m, (e, _, _) in scored.items()},
-            "frequencies": [round(f, 6) for f in stats.frequencies.tolist()],
-            "tokens": stats.tokens,
-        }
-        return out, summary
 
     def layer_tensors(self, layer: int, tensors: dict, groups: list[list[int]], stats: ExpertStatistics) -> dict:
         spec, opts = self.spec, self.options
@@ -362,7 +365,11 @@ class Run:
 
 def run(model_dir: Path, out_dir: Path, options: RunOptions) -> dict:
     started = time.monotonic()
+    from .plan import estimate, planned_device, preflight  # plan imports this module
+
     state = Run(model_dir, out_dir, options)
+    preflight(estimate(state.spec, state.config, state.model.reader.info, options, planned_device(options.device)),
+              state.out_dir)
     status = state.journal.open(state.signature_fields(), state.output_files(), state.num_layers, options.restart)
     if status == "complete":
         log.info("%s already holds this run's complete output; nothing to do", out_dir)
