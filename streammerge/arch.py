@@ -193,6 +193,61 @@ class ArchSpec:
         gate, up, down = (parts[p] for p in self.projections)
         return {"gate_up_proj": torch.cat([gate, up])[None], "down_proj": down[None]}
 
+    # --- tensor tables (name -> (dtype, shape)), for plans made without reading weights --------------------
+    def on_disk_table(self, layer: int, memory: dict) -> dict:
+        """A layer's on-disk table from its in-memory one (transformers' layer state, experts fused as in v5)."""
+        experts = f"{self.moe_attr}.experts."
+        back = {f"{self.moe_attr}.{m}": f"{self.moe_prefix}.{d}" for d, m in self.renames}
+        back.update({experts + m: f"{self.moe_prefix}.{d}" for d, m in self.fused})
+        out = {}
+        for key, entry in memory.items():
+            if key.startswith(experts) and not self.fused:
+                continue
+            if key in back:
+                key = back[key]
+            elif key.startswith(self.moe_attr + "."):
+                key = self.moe_prefix + key[len(self.moe_attr):]
+            out[self.layer_prefix(layer) + key] = entry
+        if experts + "gate_up_proj" in memory and not self.fused:
+            dtype, (count, rows, columns) = memory[experts + "gate_up_proj"]
+            _, down = memory[experts + "down_proj"]
+            gate, up, down_name = self.projections
+            for e in range(count):
+                out[self.expert_name(layer, e, gate)] = (dtype, (rows // 2, columns))
+                out[self.expert_name(layer, e, up)] = (dtype, (rows // 2, columns))
+                out[self.expert_name(layer, e, down_name)] = (dtype, tuple(down[1:]))
+        return out
+
+    def compressed_table(self, layer: int, table: dict, num_experts: int, k: int) -> dict:
+        """A MoE layer's on-disk table with `k` experts: experts 0..k-1, k router rows, vectors and fused tensors."""
+        out = {n: entry for n, entry in table.items() if n not in self.routed_names(layer, num_experts)}
+        dtype, shape = table[self.router_name(layer)]
+        out[self.router_name(layer)] = (dtype, (k, *shape[1:]))
+        for name, dim in self.router_vector_names(layer):
+            dtype, shape = table[name]
+            out[name] = (dtype, tuple(k if d == dim else n for d, n in enumerate(shape)))
+        if self.fused:
+            for name in self.fused_names(layer):
+                dtype, shape = table[name]
+                out[name] = (dtype, (k, *shape[1:]))
+        else:
+            out.update({n: table[n] for e in range(k) for n in self.expert_names(layer, e)})
+        return out
+
+    def expert_size(self, table: dict, layer: int, hidden_size: int) -> tuple[int, int]:
+        """(elements of one routed expert, its intermediate size) from a layer's on-disk table."""
+        def numel(shape):
+            result = 1
+            for n in shape:
+                result *= n
+            return result
+        if self.fused:
+            total = sum(numel(table[n][1][1:]) for n in self.fused_names(layer))
+            down = table[self.fused_names(layer)[[m for _, m in self.fused].index("down_proj")]][1][1:]
+            return total, down[0] if down[1] == hidden_size else down[1]  # [I, H] (gpt-oss, llama4) or [H, I]
+        names = self.expert_names(layer, 0)
+        return sum(numel(table[n][1]) for n in names), table[names[0]][1][0]
+
     # --- config ---------------------------------------------------------------------------------------
     def num_experts(self, config) -> int:
         return _scalar(config, self.experts_key)
@@ -401,6 +456,38 @@ _SPECS = (
         routing=f"{_SOFTMAX_TOPK}, never renormalized; hybrid Mamba and attention",
         shared_expert="none; layers off expert_layer_period/offset are dense; Mamba layers",
         is_moe_layer=_jamba_expert_layer, extra_globals=("model.final_layernorm.weight",),
+    ),
+    ArchSpec(
+        model_type="granitemoe", family="GraniteMoE (Granite 3.x MoE)", modeling_module=_transformers("granitemoe"),
+        layer_class="GraniteMoeDecoderLayer", rotary_class="GraniteMoeRotaryEmbedding",
+        experts_key="num_local_experts", top_k_key="num_experts_per_tok",
+        moe_prefix="block_sparse_moe", moe_attr="block_sparse_moe", router="router.layer.weight", projections=(),
+        routing="top-k of the router logits, softmax over the k (= softmax top-k renormalized)",
+        shared_expert="none", renames=(("router.layer.weight", "router.weight"),),
+        fused=(("input_linear.weight", "gate_up_proj"), ("output_linear.weight", "down_proj")),
+        embedding_multiplier_key="embedding_multiplier",
+    ),
+    ArchSpec(
+        model_type="granitemoeshared", family="GraniteMoE-shared", modeling_module=_transformers("granitemoeshared"),
+        layer_class="GraniteMoeSharedDecoderLayer", rotary_class="GraniteMoeSharedRotaryEmbedding",
+        experts_key="num_local_experts", top_k_key="num_experts_per_tok",
+        moe_prefix="block_sparse_moe", moe_attr="block_sparse_moe", router="router.layer.weight", projections=(),
+        routing="top-k of the router logits, softmax over the k (= softmax top-k renormalized)",
+        shared_expert="shared_mlp", renames=(("router.layer.weight", "router.weight"),),
+        fused=(("input_linear.weight", "gate_up_proj"), ("output_linear.weight", "down_proj")),
+        embedding_multiplier_key="embedding_multiplier",
+    ),
+    ArchSpec(
+        model_type="gpt_oss", family="gpt-oss", modeling_module=_transformers("gpt_oss"),
+        layer_class="GptOssDecoderLayer", rotary_class="GptOssRotaryEmbedding",
+        experts_key="num_local_experts", top_k_key="num_experts_per_tok",
+        moe_prefix="mlp", router="router.weight", projections=(),
+        routing=("router logits with router.bias, top-k, softmax over the k; experts with biases, interleaved "
+                 "gate/up columns and a clamped SwiGLU; attention sinks (eager attention)"),
+        shared_expert="none", router_vectors=(("router.bias", 0),), softmax_router=False,
+        fused=(("experts.gate_up_proj", "gate_up_proj"), ("experts.gate_up_proj_bias", "gate_up_proj_bias"),
+               ("experts.down_proj", "down_proj"), ("experts.down_proj_bias", "down_proj_bias")),
+        attn_implementation="eager",
     ),
 )
 

@@ -152,11 +152,10 @@ def compressed_tensors(spec: ArchSpec, config, tensors: TensorTable, k: int) -> 
     experts = spec.num_experts(config)
     out = dict(tensors)
     for layer in spec.moe_layers(config):
-        for expert in range(k, experts):
-            for name in spec.expert_names(layer, expert):
-                del out[name]
-        dtype, shape = out[spec.router_name(layer)]
-        out[spec.router_name(layer)] = (dtype, (k, *shape[1:]))
+        routed = spec.routed_names(layer, experts)
+        for name in routed:
+            del out[name]
+        out.update(spec.compressed_table(layer, {n: tensors[n] for n in routed}, experts, k))
     return out
 
 
@@ -188,13 +187,11 @@ def estimate(spec: ArchSpec, config, tensors: TensorTable, options: RunOptions, 
     for layer, names in _by_layer(tensors).items():
         routed = set()
         if layer in moe_layers:
-            routed = {n for e in range(experts) for n in spec.expert_names(layer, e)}
-            first = spec.expert_names(layer, 0)
-            expert_numel = _numel(tensors, first)
+            routed = spec.routed_names(layer, experts)
+            expert_numel, expert_intermediate = spec.expert_size(tensors, layer, hidden)
             one_expert = max(one_expert, expert_numel)
-            intermediate = max(intermediate, tensors[first[0]][1][0])
+            intermediate = max(intermediate, expert_intermediate)
             router = max(router, _numel(tensors, [spec.router_name(layer)]))
-            routed.add(spec.router_name(layer))
         non_expert = max(non_expert, _numel(tensors, [n for n in names if n not in routed]))
         layer_bytes = max(layer_bytes, sum(_bytes(tensors[n]) for n in names))
         matrices = _numel(tensors, [n for n in names if len(tensors[n][1]) == 2])
@@ -207,7 +204,7 @@ def estimate(spec: ArchSpec, config, tensors: TensorTable, options: RunOptions, 
                     bytes_written=sum(_bytes(output[n]) for n in output_names[layer]) + hidden_set)
         largest = max(largest, work, key=lambda w: (w.flops, w.bytes_read))
         total += work
-    global_bytes = sum(_bytes(tensors[n]) for n in GLOBAL_TENSORS if n in tensors)
+    global_bytes = sum(_bytes(tensors[n]) for n in spec.global_tensors if n in tensors)
     total += Work(0, global_bytes + _bytes(tensors["model.embed_tokens.weight"]), global_bytes + hidden_set)
 
     attention_set = chunk * (hidden + 4 * heads * head_dim) * c
@@ -258,28 +255,20 @@ def config_tensors(spec: ArchSpec, config, dtype: torch.dtype) -> TensorTable:
     """On-disk names and shapes of a `config` checkpoint as save_pretrained writes it, without any weights.
 
     Each layer is built on the meta device from transformers' own class; its in-memory state, with the experts
-    fused into gate_up_proj [E, 2I, H] and down_proj [E, H, I], is split back into the Hub's per-expert names,
-    which runner.split_layer reads.
+    fused into gate_up_proj [E, 2I, H] and down_proj [E, H, I], is split back into the on-disk names
+    (ArchSpec.on_disk_table: per-expert, or fused for granitemoe/gpt-oss), which runner.split_layer reads.
     """
     hidden, vocab = config.hidden_size, config.vocab_size
     shapes = {"model.embed_tokens.weight": (vocab, hidden)}
-    layer_class = spec.classes()[0]
-    gate, up, down = spec.projections
     for layer in range(config.num_hidden_layers):
         with torch.device("meta"):
-            state = {key: tuple(t.shape) for key, t in layer_class(config, layer).state_dict().items()}
-        gate_up = state.pop("mlp.experts.gate_up_proj", None)
-        down_proj = state.pop("mlp.experts.down_proj", None)
-        for key, shape in state.items():
-            on_disk = spec.moe_prefix + key[len("mlp"):] if key.startswith("mlp.") else key
-            shapes[spec.layer_prefix(layer) + on_disk] = shape
-        if gate_up is not None:
-            experts, rows, columns = gate_up
-            for expert in range(experts):
-                shapes[spec.expert_name(layer, expert, gate)] = (rows // 2, columns)
-                shapes[spec.expert_name(layer, expert, up)] = (rows // 2, columns)
-                shapes[spec.expert_name(layer, expert, down)] = down_proj[1:]
-    shapes["model.norm.weight"] = (hidden,)
+            module = spec.layer_class_for(config, layer)(config, layer)
+        memory = {key: (dtype, tuple(t.shape)) for key, t in module.state_dict().items()}
+        shapes.update({name: shape for name, (_, shape) in spec.on_disk_table(layer, memory).items()})
+    norms = [n for n in spec.global_tensors if n not in ("model.embed_tokens.weight", "lm_head.weight")]
+    if any(n.endswith("norm.weight") for n in spec.extra_globals):  # jamba, lfm2: their own final norm's name
+        norms.remove("model.norm.weight")
+    shapes.update({name: (hidden,) for name in norms})  # lm_head below
     if not getattr(config, "tie_word_embeddings", False):
         shapes["lm_head.weight"] = (vocab, hidden)
     return {name: (dtype, shape) for name, shape in shapes.items()}

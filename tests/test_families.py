@@ -174,3 +174,16 @@ def test_readme_lists_exactly_the_table():
     start, end = "<!-- families:start -->\n", "<!-- families:end -->"
     assert start in readme and end in readme
     assert readme.split(start, 1)[1].split(end, 1)[0].strip() == families_table().strip()
+
+
+@pytest.mark.parametrize("family", sorted(ARCHITECTURES))
+def test_plan_tables_match_the_checkpoint(tiny_models, family):
+    """plan's tables, built without weights, name and shape every tensor as the checkpoint does, before and after."""
+    from streammerge.plan import compressed_tensors, config_tensors
+    model = Model.open(tiny_models(family))
+    table = config_tensors(model.spec, model.config, torch.float32)
+    assert {n: s for n, (_, s) in table.items()} == {n: s for n, (_, s) in model.reader.info.items()}
+    k = model.spec.num_experts(model.config) // 2
+    after = compressed_tensors(model.spec, model.config, model.reader.info, k)
+    for layer in model.spec.moe_layers(model.config):
+        assert after[model.spec.router_name(layer)][1][0] == k

@@ -44,6 +44,12 @@ MORE_FAMILIES = {
                             layer_types=["conv", "full_attention", "conv"])),
     "jamba": (None, dict(num_experts=8, num_experts_per_tok=2, attn_layer_period=2, attn_layer_offset=1,
                          expert_layer_period=1, expert_layer_offset=0, mamba_d_state=8, mamba_expand=2)),
+    "granitemoe": ("ibm-granite__granite-3.0-3b-a800m-instruct", dict(num_local_experts=16, num_experts_per_tok=4,
+                                                                      intermediate_size=32)),
+    "granitemoeshared": (None, dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=32,
+                                    shared_intermediate_size=48, embedding_multiplier=12.0)),
+    "gpt_oss": ("openai__gpt-oss-20b", dict(num_local_experts=16, intermediate_size=32,
+                                            layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
 }
 SHRUNK = {
     "hidden_size": 64, "intermediate_size": 96, "moe_intermediate_size": 32,
