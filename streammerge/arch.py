@@ -63,6 +63,11 @@ def _jamba_expert_layer(config, layer: int) -> bool:
     return config.layers_num_experts[layer] > 1
 
 
+def _listed_moe_layers(config, layer: int) -> bool:
+    # Llama4TextDecoderLayer.
+    return layer in config.moe_layers
+
+
 def _no_groups(config) -> tuple[int, int]:
     return 1, 1
 
@@ -117,6 +122,7 @@ class ArchSpec:
     layer_type_key: str = ""
     softmax_router: bool = True  # routing is a softmax over plain router logits (what lsefit/kl fit)
     embedding_multiplier_key: str = ""  # config key scaling the embeddings before layer 0 (granite)
+    scaled_input_experts: bool = False  # llama4: experts get every token pre-scaled by its score, no routing args
 
     # --- classes -----------------------------------------------------------------------------------
     def module(self):
@@ -488,6 +494,17 @@ _SPECS = (
         fused=(("experts.gate_up_proj", "gate_up_proj"), ("experts.gate_up_proj_bias", "gate_up_proj_bias"),
                ("experts.down_proj", "down_proj"), ("experts.down_proj_bias", "down_proj_bias")),
         attn_implementation="eager",
+    ),
+    ArchSpec(
+        model_type="llama4_text", family="Llama 4 (text-only checkpoints)", modeling_module=_transformers("llama4"),
+        layer_class="Llama4TextDecoderLayer", rotary_class="Llama4TextRotaryEmbedding",
+        experts_key="num_local_experts", top_k_key="num_experts_per_tok",
+        moe_prefix="feed_forward", moe_attr="feed_forward", router="router.weight", projections=(),
+        routing=("top-k of the router logits; each chosen expert's INPUT is scaled by the sigmoid of its logit; "
+                 "chunked and full attention"),
+        shared_expert="shared_expert; layers not in moe_layers are dense", is_moe_layer=_listed_moe_layers,
+        fused=(("experts.gate_up_proj", "gate_up_proj"), ("experts.down_proj", "down_proj")),
+        softmax_router=False, scaled_input_experts=True,
     ),
 )
 

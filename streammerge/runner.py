@@ -92,7 +92,10 @@ def load_layer(spec: ArchSpec, config, layer: int, tensors: dict[str, torch.Tens
     state, experts = split_layer(spec, config, layer, tensors)
     if experts:
         block = spec.moe_block(module)
-        block.experts = ExpertStream(type(block.experts), spec, config, experts, device, dtype)
+        block.experts = stream = ExpertStream(type(block.experts), spec, config, experts, device, dtype)
+        if spec.scaled_input_experts:  # the stream needs the block's input and the router's scores
+            block.register_forward_pre_hook(lambda _, args: stream.__dict__.update(block_input=args[0]))
+            block.router.register_forward_hook(lambda _, args, out: stream.__dict__.update(scores=out[0]))
     if device is not None:
         state = {k: t.to(device=device, dtype=dtype) for k, t in state.items()}
     try:
@@ -127,6 +130,7 @@ class ExpertStream(nn.Module):
         # Not a registered submodule: its weights are whichever expert ran last, not part of the layer.
         object.__setattr__(self, "one", one)
         self.spec = spec
+        self.top_k = spec.top_k(config)
         self.experts = experts
         self.device = device
         self.dtype = dtype
@@ -143,15 +147,41 @@ class ExpertStream(nn.Module):
         del parts
         self.one.load_state_dict(state, strict=True, assign=True)
         del state
-        index = torch.zeros((x.shape[0], 1), device=x.device, dtype=torch.long)
-        weight = torch.ones((x.shape[0], 1), device=x.device, dtype=x.dtype)
-        y = self.one(x, index, weight)
+        if self.spec.scaled_input_experts:  # llama4's experts take no routing arguments
+            y = self.one(x)
+        else:
+            index = torch.zeros((x.shape[0], 1), device=x.device, dtype=torch.long)
+            weight = torch.ones((x.shape[0], 1), device=x.device, dtype=x.dtype)
+            y = self.one(x, index, weight)
         self.one.to("meta")  # free this expert's weights before the next one is loaded
         return y
 
-    def forward(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    def forward_scaled(self, routed_in: torch.Tensor) -> torch.Tensor:
+        """llama4: `routed_in` [E·N, H] holds every token once per expert, scaled by that expert's score (0 when
+        not chosen, and an expert maps 0 to 0). Only the chosen rows run; observed, every expert also runs on the
+        unscaled block input, and the routing reported is the router's top-k with its scores."""
+        count = len(self.experts)
+        routed = routed_in.view(count, -1, routed_in.shape[-1])
+        out = torch.zeros_like(routed)
+        scores = self.scores  # [N, E]: sigmoid of the top-k logits, 0 elsewhere
+        top_k_index = top_k_weights = x = None
+        if self.observer is not None:
+            x = self.block_input.reshape(-1, routed_in.shape[-1])
+            top_k_weights, top_k_index = scores.topk(self.top_k, dim=-1)
+        for expert in range(count):
+            rows = (scores[:, expert] > 0).nonzero().squeeze(-1)
+            if rows.numel():
+                out[expert, rows] = self.output(expert, routed[expert, rows]).to(out.dtype)
+            if self.observer is not None:
+                self.observer(expert, x, self.output(expert, x), top_k_index, top_k_weights)
+        return out.view(-1, routed_in.shape[-1])
+
+    def forward(self, x: torch.Tensor, top_k_index: torch.Tensor | None = None,
+                top_k_weights: torch.Tensor | None = None) -> torch.Tensor:
         """Observed: every expert on every token (the statistics need them all). Otherwise only the
         tokens routed to each expert, as inference does."""
+        if self.spec.scaled_input_experts:
+            return self.forward_scaled(x)
         combined = torch.zeros_like(x)
         for expert in range(len(self.experts)):
             chosen = top_k_index == expert

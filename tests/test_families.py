@@ -87,6 +87,8 @@ def test_routing_statistics_equal_router_outputs(tiny_models, more_family, tmp_p
         def record(module, args, out):
             if isinstance(out, tuple) and len(out) == 3:  # (logits, top-k weights, top-k indices)
                 chosen.setdefault(layer, []).append(out[2])
+            elif isinstance(out, tuple) and len(out) == 2:  # llama4: (scores, logits), top-k of the logits
+                chosen.setdefault(layer, []).append(out[1].topk(module.top_k, dim=-1).indices)
         return record
 
     for layer in state.moe_layers:

@@ -50,6 +50,9 @@ MORE_FAMILIES = {
                                     shared_intermediate_size=48, embedding_multiplier=12.0)),
     "gpt_oss": ("openai__gpt-oss-20b", dict(num_local_experts=16, intermediate_size=32,
                                             layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
+    "llama4_text": (None, dict(num_local_experts=8, num_experts_per_tok=1, intermediate_size=32, intermediate_size_mlp=96,
+                               moe_layers=[1, 2], attention_chunk_size=8, no_rope_layers=[1, 1, 0],
+                               layer_types=["chunked_attention", "chunked_attention", "full_attention"])),
 }
 SHRUNK = {
     "hidden_size": 64, "intermediate_size": 96, "moe_intermediate_size": 32,
