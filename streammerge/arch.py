@@ -392,6 +392,15 @@ _SPECS = (
         is_moe_layer=_qwen_sparse_step,
     ),
     ArchSpec(
+        model_type="qwen3_5_moe_text", family="Qwen3.5-MoE (text-only checkpoints)",
+        modeling_module=_transformers("qwen3_5_moe"),
+        layer_class="Qwen3_5MoeDecoderLayer", rotary_class="Qwen3_5MoeTextRotaryEmbedding",
+        experts_key="num_experts", top_k_key="num_experts_per_tok",
+        moe_prefix="mlp", router="gate.weight", projections=_SWIGLU,
+        routing=f"{_SOFTMAX_TOPK}, renormalized; hybrid linear (gated DeltaNet) and full attention",
+        shared_expert="shared_expert and its sigmoid shared_expert_gate; linear-attention layers",
+    ),
+    ArchSpec(
         model_type="minimax_m2", family="MiniMax-M2", modeling_module=_transformers("minimax_m2"),
         layer_class="MiniMaxM2DecoderLayer", rotary_class="MiniMaxM2RotaryEmbedding",
         experts_key="num_local_experts", top_k_key="num_experts_per_tok",

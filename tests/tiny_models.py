@@ -34,6 +34,10 @@ MORE_FAMILIES = {
                               linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
                               linear_num_value_heads=4)),
     # use_mtp: transformers has no MTP layers, and generate() would look for them
+    "qwen3_5_moe_text": (None, dict(num_experts=16, num_experts_per_tok=4, shared_expert_intermediate_size=48,
+                                    layer_types=["linear_attention", "full_attention", "linear_attention"],
+                                    linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
+                                    linear_num_value_heads=4)),
     "minimax_m2": ("MiniMaxAI__MiniMax-M2", dict(num_local_experts=16, intermediate_size=32, use_mtp=False)),
     "minimax": (None, dict(num_local_experts=8, layer_types=["linear_attention", "full_attention", "linear_attention"])),
     "phimoe": (None, dict(num_local_experts=8, rope_scaling=None)),
