@@ -424,4 +424,6 @@ def _loop(state: Run) -> None:
         raise Interrupted(
             f"interrupted during layer {layer}; finished layers are saved: re-run the same command to resume"
         ) from None
+    finally:
+        state.writer.shutdown(wait=True)  # no write may still be under way when the error is reported
     state.finalize(records)
