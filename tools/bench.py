@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -28,8 +27,9 @@ from pathlib import Path
 import click
 import torch
 
+from readme import write_section
+
 ROOT = Path(__file__).resolve().parent.parent
-MARKERS = ("<!-- performance:start -->", "<!-- performance:end -->")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -149,9 +149,7 @@ def main(config, layers, samples, seqlen, batch, dtype, work, readme):
             "| measure | value | notes |\n|---|---|---|\n" + "\n".join(f"| {a} | {b} | {c} |" for a, b, c in rows) + "\n")
     print(text)
     if readme:
-        path = ROOT / "README.md"
-        pattern = re.compile(re.escape(MARKERS[0]) + ".*?" + re.escape(MARKERS[1]), re.S)
-        path.write_text(pattern.sub(lambda _: f"{MARKERS[0]}\n{text}{MARKERS[1]}", path.read_text()))
+        write_section("performance", text)
 
 
 if __name__ == "__main__":

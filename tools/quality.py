@@ -1,0 +1,94 @@
+"""Quality matrix: method × feature × router × propagation × ratio on the example MoEs, into README.md.
+
+    python tools/quality.py              # runs everything, rewrites the "Quality" table in README.md
+    python tools/quality.py --no-readme  # prints the table only
+
+Every cell is the held-out perplexity of the compressed model divided by the original's, on
+streammerge/data/heldout.txt, with the calibration defaults of `streammerge run`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import tempfile
+from itertools import product
+from pathlib import Path
+
+import click
+
+from readme import write_section
+from streammerge.calibration import DEFAULT_TEXT
+from streammerge.evaluate import perplexity
+from streammerge.merge import ROUTERS
+from streammerge.pipeline import FEATURES, PROPAGATIONS, RunOptions, run
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "streammerge" / "examples"
+HELDOUT = DEFAULT_TEXT.parent / "heldout.txt"
+
+
+def settings() -> list[dict]:
+    """Every setting worth comparing; for pruning the feature and router do not matter."""
+    merging = [dict(method="hcsmoe", feature=f, router=r, propagate=p)
+               for f, r, p in product(FEATURES, ROUTERS, PROPAGATIONS)]
+    pruning = [dict(method=m, propagate=p) for m, p in product(("prune-freq", "prune-reap"), PROPAGATIONS)]
+    automatic = [dict(method="auto", feature=f, router=r, propagate=p)
+                 for f, r, p in product(FEATURES, ("dominant", "kl"), PROPAGATIONS)]
+    return merging + pruning + automatic
+
+
+def label(setting: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in setting.items())
+
+
+def measure(model: Path, ratios: list[float], work: Path) -> tuple[float, dict]:
+    base = perplexity(model, HELDOUT, device="cpu")["perplexity"]
+    results = {}
+    for setting, ratio in product(settings(), ratios):
+        out = work / f"{model.name}-{len(results)}"
+        run(model, out, RunOptions(ratio=ratio, device="cpu", **setting))
+        ppl = perplexity(out, HELDOUT, device="cpu")["perplexity"]
+        layers = json.loads((out / "streammerge.json").read_text())["layers"]
+        chosen = sorted({layer["method"] for layer in layers})
+        results[(label(setting), ratio)] = (ppl / base, chosen)
+        logging.info("%s ratio %s: ppl %.3f (x%.3f) %s", label(setting), ratio, ppl, ppl / base, chosen)
+    return base, results
+
+
+def table(measured: dict, ratios: list[float]) -> str:
+    models = list(measured)
+    head = "| setting | " + " | ".join(f"{m} r={r}" for m in models for r in ratios) + " |"
+    rows = [head, "|" + "---|" * (1 + len(models) * len(ratios))]
+    best = {(m, r): min(v[0] for (s, rr), v in measured[m][1].items() if rr == r) for m in models for r in ratios}
+    for setting in settings():
+        cells = []
+        for m, r in product(models, ratios):
+            value, chosen = measured[m][1][(label(setting), r)]
+            text = f"×{value:.3f}" + (f" ({'+'.join(chosen)})" if setting["method"] == "auto" else "")
+            cells.append(f"**{text}**" if value == best[(m, r)] else text)
+        rows.append(f"| {label(setting)} | " + " | ".join(cells) + " |")
+    bases = ", ".join(f"{m} {measured[m][0]:.2f}" for m in models)
+    return "\n".join(rows) + f"\n\nOriginal held-out perplexity: {bases}. Bold: best in its column.\n"
+
+
+@click.command()
+@click.option("--model", "models", multiple=True, default=("upcycled", "scratch"), show_default=True,
+              help="Example names under streammerge/examples.")
+@click.option("--ratio", "ratios", multiple=True, type=float, default=(0.25, 0.5), show_default=True)
+@click.option("--readme/--no-readme", default=True, help="Rewrite the Quality table in README.md.")
+def main(models, ratios, readme):
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("streammerge").setLevel(logging.WARNING)
+    with tempfile.TemporaryDirectory(prefix="streammerge-quality-") as work:
+        measured = {m: measure(EXAMPLES / m, list(ratios), Path(work)) for m in models}
+    command = "python tools/quality.py " + " ".join(sys.argv[1:])
+    text = f"Made by `{command.strip()}`.\n\n{table(measured, list(ratios))}"
+    print(text)
+    if readme:
+        write_section("quality", text)
+
+
+if __name__ == "__main__":
+    main()
