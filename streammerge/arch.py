@@ -122,6 +122,7 @@ class ArchSpec:
     layer_type_key: str = ""
     softmax_router: bool = True  # routing is a softmax over plain router logits (what lsefit/kl fit)
     embedding_multiplier_key: str = ""  # config key scaling the embeddings before layer 0 (granite)
+    logits_scaling_key: str = ""  # config key dividing the logits (granite)
     scaled_input_experts: bool = False  # llama4: experts get every token pre-scaled by its score, no routing args
 
     # --- classes -----------------------------------------------------------------------------------
@@ -480,7 +481,7 @@ _SPECS = (
         routing="top-k of the router logits, softmax over the k (= softmax top-k renormalized)",
         shared_expert="none", renames=(("router.layer.weight", "router.weight"),),
         fused=(("input_linear.weight", "gate_up_proj"), ("output_linear.weight", "down_proj")),
-        embedding_multiplier_key="embedding_multiplier",
+        embedding_multiplier_key="embedding_multiplier", logits_scaling_key="logits_scaling",
     ),
     ArchSpec(
         model_type="granitemoeshared", family="GraniteMoE-shared", modeling_module=_transformers("granitemoeshared"),
@@ -490,7 +491,7 @@ _SPECS = (
         routing="top-k of the router logits, softmax over the k (= softmax top-k renormalized)",
         shared_expert="shared_mlp", renames=(("router.layer.weight", "router.weight"),),
         fused=(("input_linear.weight", "gate_up_proj"), ("output_linear.weight", "down_proj")),
-        embedding_multiplier_key="embedding_multiplier",
+        embedding_multiplier_key="embedding_multiplier", logits_scaling_key="logits_scaling",
     ),
     ArchSpec(
         model_type="gpt_oss", family="gpt-oss", modeling_module=_transformers("gpt_oss"),

@@ -6,7 +6,6 @@ all windows wait on disk between layers, so a model larger than memory fits a sm
 
 from __future__ import annotations
 
-import importlib
 import logging
 import math
 import tempfile
@@ -48,14 +47,8 @@ def token_windows(tokenizer, path: Path, tokens: int, seqlen: int) -> torch.Tens
 
 
 def final_norm(model: Model, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """`model.norm` as the family's own RMSNorm class (e.g. MixtralRMSNorm) computes it."""
-    modeling = importlib.import_module(model.spec.modeling_module)
-    norm_class = getattr(modeling, model.spec.layer_class.replace("DecoderLayer", "RMSNorm"))
-    with torch.device("meta"):
-        norm = norm_class(model.config.hidden_size, eps=model.config.rms_norm_eps)
-    weight = model.reader.read(["model.norm.weight"])["model.norm.weight"]
-    norm.load_state_dict({"weight": weight.to(device=device, dtype=dtype)}, assign=True)
-    return norm.eval()
+    """The family's own final norm module (RMSNorm, LayerNorm with bias, ...), filled from the checkpoint."""
+    return LayerRunner(model.spec, model.config, device, dtype).final_norm(model.reader)
 
 
 def output_embeddings(model: Model) -> torch.Tensor:
@@ -88,8 +81,6 @@ def perplexity(model_dir: Path, text_path: Path, tokens: int = 16384, seqlen: in
     if batch < 1:
         raise InputError(f"--batch {batch} must be at least 1 (windows per chunk)")
     model = Model.open(model_dir)
-    if "model.norm.weight" not in model.reader.weight_map:
-        raise CheckpointError("the checkpoint has no model.norm.weight: it is incomplete")
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device, model.weights_dtype)
     ids = token_windows(model.tokenizer(), text_path, tokens, seqlen)
@@ -98,12 +89,13 @@ def perplexity(model_dir: Path, text_path: Path, tokens: int = 16384, seqlen: in
     log.info("perplexity of %s over %d windows of %d tokens on %s (%s)", model.name, len(ids), seqlen, device,
              str(dtype).removeprefix("torch."))
     with tempfile.TemporaryDirectory(prefix="streammerge-eval-", dir=work_dir) as tmp:
+        runner = LayerRunner(model.spec, model.config, device, dtype)
+        norm = runner.final_norm(model.reader)  # refuses a checkpoint without one before any work
         table = model.reader.read(["model.embed_tokens.weight"])["model.embed_tokens.weight"]
         store = HiddenStates(tmp, 0, len(chunks))
         for c, chunk in enumerate(chunks):
-            store.write(c, F.embedding(chunk, table).to(dtype))
+            store.write(c, runner.embed(chunk, table).to(dtype))  # granite scales its embeddings
         del table
-        runner = LayerRunner(model.spec, model.config, device, dtype)
         for layer in tqdm(range(num_layers), desc="layers", disable=None):
             module = runner.build(layer, model.reader.read(model.layer_names(layer)))
             source, store = store, HiddenStates(tmp, layer + 1, len(chunks))
@@ -111,8 +103,7 @@ def perplexity(model_dir: Path, text_path: Path, tokens: int = 16384, seqlen: in
                 store.write(c, runner.forward(module, layer, source.read(c, device)))
             source.remove()
             del module
-        norm = final_norm(model, device, dtype)
-        head = output_embeddings(model).to(device=device, dtype=dtype)
+        head = output_embeddings(model).to(device=device, dtype=dtype) * runner.logits_scale  # granite
         nll = sum(chunk_nll(store.read(c, device), chunk, norm, head) for c, chunk in enumerate(chunks))
     count = len(ids) * (seqlen - 1)
     try:

@@ -261,10 +261,30 @@ class LayerRunner:
                 elif "Rotary" in type(child).__name__:  # computed buffers: rebuilt for real
                     setattr(base, name, type(child)(config=self.config).to(self.device))
                 elif name != "embed_tokens" and any(True for _ in child.parameters()):
+                    self._norm = (name, child)
                     setattr(base, name, nn.Identity())  # the final norm: never reached by the layers
             base.calls = calls
             self._base = base
         return self._base
+
+    def final_norm(self, reader) -> nn.Module:
+        """The model's own final norm (RMSNorm, LayerNorm with bias, ...; `norm`, `final_layernorm` or
+        `embedding_norm`), filled from the checkpoint."""
+        self._meta_model()
+        name, norm = self._norm
+        prefix = f"model.{name}."
+        names = [n for n in reader.weight_map if n.startswith(prefix)]
+        if not names:
+            raise CheckpointError(f"the checkpoint has no {prefix}weight (the final norm): it is incomplete")
+        state = {n[len(prefix):]: t.to(device=self.device, dtype=self.dtype) for n, t in reader.read(names).items()}
+        norm.load_state_dict(state, strict=True, assign=True)
+        return norm.eval()
+
+    @property
+    def logits_scale(self) -> float:
+        """What the family multiplies its logits by (granite divides them by logits_scaling)."""
+        key = self.spec.logits_scaling_key
+        return 1.0 / getattr(self.config, key) if key else 1.0
 
     @torch.no_grad()
     def context(self, batch: int, seqlen: int, layer: int) -> tuple[tuple, dict]:

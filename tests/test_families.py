@@ -189,3 +189,14 @@ def test_plan_tables_match_the_checkpoint(tiny_models, family):
     after = compressed_tensors(model.spec, model.config, model.reader.info, k)
     for layer in model.spec.moe_layers(model.config):
         assert after[model.spec.router_name(layer)][1][0] == k
+
+
+def test_streamed_perplexity_matches_transformers(tiny_models, more_family):
+    """`streammerge eval` (and run --eval-text): the family's own final norm, embedding and logits scaling."""
+    from test_evaluate import HELDOUT, SIZES, reference_perplexity
+    from streammerge.evaluate import perplexity, token_windows
+    model_dir = tiny_models(more_family)
+    got = perplexity(model_dir, HELDOUT, **SIZES, device="cpu", dtype="float32")
+    ids = token_windows(Model.open(model_dir).tokenizer(), HELDOUT, SIZES["tokens"], SIZES["seqlen"])
+    expected = reference_perplexity(model_dir, ids)
+    assert abs(got["perplexity"] - expected) / expected <= 1e-4, (got, expected)
