@@ -12,6 +12,7 @@ or its slice of every fused tensor), which is what gets merged; the output keeps
 from __future__ import annotations
 
 import importlib
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -66,6 +67,25 @@ def _jamba_expert_layer(config, layer: int) -> bool:
 def _listed_moe_layers(config, layer: int) -> bool:
     # Llama4TextDecoderLayer.
     return layer in config.moe_layers
+
+
+def _keep_all(config, name: str) -> bool:
+    return False
+
+
+def _layers_after_the_last(config, name: str) -> bool:
+    # Multi-token-prediction layers stored as model.layers.{L..}, which transformers ignores on load
+    # (DeepSeek-V3's model.layers.61, GLM-4.5's 46/92, ...).
+    match = re.match(r"model\.layers\.(\d+)\.", name)
+    return bool(match) and int(match.group(1)) >= config.num_hidden_layers
+
+
+def _mtp_prefix(config, name: str) -> bool:
+    return name.startswith("mtp.")  # Qwen3-Next, Qwen3.5
+
+
+def _mtp_anywhere(config, name: str) -> bool:
+    return "mtp" in name  # ERNIE 4.5, as transformers' _keys_to_ignore_on_load_unexpected
 
 
 def _no_groups(config) -> tuple[int, int]:
@@ -123,6 +143,8 @@ class ArchSpec:
     softmax_router: bool = True  # routing is a softmax over plain router logits (what lsefit/kl fit)
     embedding_multiplier_key: str = ""  # config key scaling the embeddings before layer 0 (granite)
     logits_scaling_key: str = ""  # config key dividing the logits (granite)
+    dropped: Callable = _keep_all  # (config, name) -> tensors transformers ignores (MTP), left out of the output
+    dropped_config: tuple[tuple[str, object], ...] = ()  # config edits saying they are gone (when the key exists)
     scaled_input_experts: bool = False  # llama4: experts get every token pre-scaled by its score, no routing args
 
     # --- classes -----------------------------------------------------------------------------------
@@ -342,6 +364,7 @@ _SPECS = (
                  "× routed_scaling_factor, never renormalized"),
         shared_expert="shared_experts (n_shared_experts); the first first_k_dense_replace layers are dense",
         is_moe_layer=_after_dense, expert_groups=_deepseek_v2_groups, softmax_router=False,
+        dropped=_layers_after_the_last, dropped_config=(("num_nextn_predict_layers", 0),),
     ),
     ArchSpec(
         model_type="deepseek_v3", family="DeepSeek-V3 / R1", modeling_module=_transformers("deepseek_v3"),
@@ -352,6 +375,7 @@ _SPECS = (
         shared_expert="shared_experts (ungated); the first first_k_dense_replace layers are dense",
         is_moe_layer=_after_dense, router_vectors=(("gate.e_score_correction_bias", 0),),
         expert_groups=_deepseek_v3_groups, softmax_router=False,
+        dropped=_layers_after_the_last, dropped_config=(("num_nextn_predict_layers", 0),),
     ),
     ArchSpec(
         model_type="glm4_moe", family="GLM-4.5 (GLM-4-MoE)", modeling_module=_transformers("glm4_moe"),
@@ -362,6 +386,7 @@ _SPECS = (
         shared_expert="shared_experts (ungated); the first first_k_dense_replace layers are dense",
         is_moe_layer=_after_dense, router_vectors=(("gate.e_score_correction_bias", 0),),
         expert_groups=_deepseek_v3_groups, softmax_router=False,
+        dropped=_layers_after_the_last, dropped_config=(("num_nextn_predict_layers", 0),),
     ),
     ArchSpec(
         model_type="glm4_moe_lite", family="GLM-4-MoE-Lite", modeling_module=_transformers("glm4_moe_lite"),
@@ -372,6 +397,7 @@ _SPECS = (
         shared_expert="shared_experts (ungated); layers marked dense in mlp_layer_types",
         is_moe_layer=_sparse_layer_types, router_vectors=(("gate.e_score_correction_bias", 0),),
         expert_groups=_deepseek_v3_groups, softmax_router=False,
+        dropped=_layers_after_the_last, dropped_config=(("num_nextn_predict_layers", 0),),
     ),
     ArchSpec(
         model_type="dots1", family="dots.llm1", modeling_module=_transformers("dots1"),
@@ -382,6 +408,7 @@ _SPECS = (
         shared_expert="shared_experts (ungated); the first first_k_dense_replace layers are dense",
         is_moe_layer=_after_dense, router_vectors=(("gate.e_score_correction_bias", 0),),
         expert_groups=_deepseek_v3_groups, softmax_router=False,
+        dropped=_layers_after_the_last, dropped_config=(("num_nextn_predict_layers", 0),),
     ),
     ArchSpec(
         model_type="qwen3_next", family="Qwen3-Next", modeling_module=_transformers("qwen3_next"),
@@ -391,6 +418,7 @@ _SPECS = (
         routing=f"{_SOFTMAX_TOPK}, renormalized iff norm_topk_prob; hybrid linear (gated DeltaNet) and full attention",
         shared_expert="shared_expert and its sigmoid shared_expert_gate; linear-attention layers",
         is_moe_layer=_qwen_sparse_step,
+        dropped=_mtp_prefix, dropped_config=(("mtp_num_hidden_layers", 0),),
     ),
     ArchSpec(
         model_type="qwen3_5_moe_text", family="Qwen3.5-MoE (text-only checkpoints)",
@@ -400,6 +428,7 @@ _SPECS = (
         moe_prefix="mlp", router="gate.weight", projections=_SWIGLU,
         routing=f"{_SOFTMAX_TOPK}, renormalized; hybrid linear (gated DeltaNet) and full attention",
         shared_expert="shared_expert and its sigmoid shared_expert_gate; linear-attention layers",
+        dropped=_mtp_prefix, dropped_config=(("mtp_num_hidden_layers", 0),),
     ),
     ArchSpec(
         model_type="minimax_m2", family="MiniMax-M2", modeling_module=_transformers("minimax_m2"),
@@ -443,6 +472,7 @@ _SPECS = (
         shared_expert="shared_experts; layers outside moe_layer_start_index..end_index / moe_layer_interval are dense",
         is_moe_layer=_ernie_interval, router_vectors=(("moe_statics.e_score_correction_bias", 1),),
         renames=(("moe_statics.e_score_correction_bias", "gate.moe_statics.e_score_correction_bias"),),
+        dropped=_mtp_anywhere, dropped_config=(("num_nextn_predict_layers", 0),),
     ),
     ArchSpec(
         model_type="flex_olmo", family="FlexOlmo", modeling_module=_transformers("flex_olmo"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from functools import cached_property
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from .checkpoint import INDEX_NAME, CheckpointReader
 from .errors import CheckpointError, InputError, UnsupportedArchitectureError
 from .runner import load_layer
 
+log = logging.getLogger(__name__)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
 NOT_COPIED = {"config.json", "README.md", ".gitattributes", INDEX_NAME, "streammerge.json", "streammerge.log"}
 
@@ -68,8 +70,12 @@ class Model:
     def check_tensors(self) -> None:
         """Every checkpoint tensor must belong to the architecture, with the config's shapes (no weights read)."""
         layered = {n for layer in range(self.config.num_hidden_layers) for n in self.layer_names(layer)}
+        dropped = [n for n in self.reader.weight_map if n not in layered and self.spec.dropped(self.config, n)]
+        if dropped:
+            log.warning("leaving out %d tensors transformers ignores on load (multi-token prediction, e.g. %s); the "
+                        "output's config says so", len(dropped), dropped[0])
         for name in self.reader.weight_map:
-            if name not in layered and name not in self.spec.global_tensors:
+            if name not in layered and name not in self.spec.global_tensors and name not in dropped:
                 raise CheckpointError(
                     f"unknown tensor {name}: it is not part of a {self.spec.family} checkpoint with "
                     f"{self.config.num_hidden_layers} layers; the checkpoint and config.json disagree"
@@ -137,4 +143,7 @@ class Model:
             keys = [k for k in raw if attribute_map.get(k, k) == canonical] or [attribute]
             for key in keys:
                 raw[key] = [value] * len(raw[key]) if isinstance(raw.get(key), list) else value
+        for key, value in self.spec.dropped_config:  # e.g. the MTP layers left out: num_nextn_predict_layers = 0
+            if key in raw:
+                raw[key] = value
         return raw

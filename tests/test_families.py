@@ -200,3 +200,33 @@ def test_streamed_perplexity_matches_transformers(tiny_models, more_family):
     ids = token_windows(Model.open(model_dir).tokenizer(), HELDOUT, SIZES["tokens"], SIZES["seqlen"])
     expected = reference_perplexity(model_dir, ids)
     assert abs(got["perplexity"] - expected) / expected <= 1e-4, (got, expected)
+
+
+def _add_tensors(model_dir, tensors: dict, shard="model-mtp.safetensors"):
+    from safetensors.torch import save_file
+    save_file(tensors, str(model_dir / shard))
+    index = json.loads((model_dir / "model.safetensors.index.json").read_text())
+    index["weight_map"].update({name: shard for name in tensors})
+    (model_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("family, extra, key", [
+    ("deepseek_v3", "model.layers.3.", "num_nextn_predict_layers"),  # DeepSeek-V3/GLM: MTP as layer L
+    ("qwen3_next", "mtp.", "mtp_num_hidden_layers"),
+])
+def test_multi_token_prediction_tensors_are_left_out(tiny_models, tmp_path, family, extra, key):
+    """Real checkpoints ship MTP weights transformers ignores; the output leaves them out and says so."""
+    import shutil
+    model_dir = shutil.copytree(tiny_models(family), tmp_path / "model")
+    config = json.loads((model_dir / "config.json").read_text())
+    config[key] = 1
+    (model_dir / "config.json").write_text(json.dumps(config))
+    source = CheckpointReader(model_dir)
+    last = [n for n in source.names() if n.startswith("model.layers.2.")]
+    _add_tensors(model_dir, {extra + n[len("model.layers.2."):]: t.clone() for n, t in source.read(last).items()})
+    out = tmp_path / "out"
+    run(model_dir, out, RunOptions(**OPTIONS))
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()), info
+    assert not any(n.startswith(extra) for n in CheckpointReader(out).names())
+    assert json.loads((out / "config.json").read_text())[key] == 0
