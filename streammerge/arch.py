@@ -143,6 +143,10 @@ class ArchSpec:
     softmax_router: bool = True  # routing is a softmax over plain router logits (what lsefit/kl fit)
     embedding_multiplier_key: str = ""  # config key scaling the embeddings before layer 0 (granite)
     logits_scaling_key: str = ""  # config key dividing the logits (granite)
+    prefix: str = "model."  # the text model's on-disk prefix (VLM checkpoints: model.language_model.)
+    lm_head: str = "lm_head.weight"
+    text_config: str = ""  # VLM configs: the attribute holding the text model's config
+    passthrough: tuple[str, ...] = ()  # name prefixes copied unchanged (a VLM's vision tower)
     dropped: Callable = _keep_all  # (config, name) -> tensors transformers ignores (MTP), left out of the output
     dropped_config: tuple[tuple[str, object], ...] = ()  # config edits saying they are gone (when the key exists)
     scaled_input_experts: bool = False  # llama4: experts get every token pre-scaled by its score, no routing args
@@ -165,12 +169,19 @@ class ArchSpec:
         return getattr(layer_module, self.moe_attr)
 
     @property
+    def embed_name(self) -> str:
+        return f"{self.prefix}embed_tokens.weight"
+
+    @property
     def global_tensors(self) -> tuple[str, ...]:
-        return GLOBAL_TENSORS + self.extra_globals
+        return (self.embed_name, f"{self.prefix}norm.weight", self.lm_head) + self.extra_globals
+
+    def is_passthrough(self, name: str) -> bool:
+        return name.startswith(self.passthrough) if self.passthrough else False
 
     # --- names ---------------------------------------------------------------------------------------
     def layer_prefix(self, layer: int) -> str:
-        return LAYER_PREFIX.format(layer=layer)
+        return f"{self.prefix}layers.{layer}."
 
     def router_name(self, layer: int) -> str:
         return f"{self.layer_prefix(layer)}{self.moe_prefix}.{self.router}"
@@ -428,6 +439,17 @@ _SPECS = (
         moe_prefix="mlp", router="gate.weight", projections=_SWIGLU,
         routing=f"{_SOFTMAX_TOPK}, renormalized; hybrid linear (gated DeltaNet) and full attention",
         shared_expert="shared_expert and its sigmoid shared_expert_gate; linear-attention layers",
+        dropped=_mtp_prefix, dropped_config=(("mtp_num_hidden_layers", 0),),
+    ),
+    ArchSpec(
+        model_type="qwen3_5_moe", family="Qwen3.5-MoE (vision-language checkpoints)",
+        modeling_module=_transformers("qwen3_5_moe"),
+        layer_class="Qwen3_5MoeDecoderLayer", rotary_class="Qwen3_5MoeTextRotaryEmbedding",
+        experts_key="num_experts", top_k_key="num_experts_per_tok",
+        moe_prefix="mlp", router="gate.weight", projections=_SWIGLU,
+        routing=f"{_SOFTMAX_TOPK}, renormalized; hybrid linear (gated DeltaNet) and full attention",
+        shared_expert="shared_expert and its sigmoid shared_expert_gate; linear-attention layers; the vision tower",
+        prefix="model.language_model.", text_config="text_config", passthrough=("model.visual.",),
         dropped=_mtp_prefix, dropped_config=(("mtp_num_hidden_layers", 0),),
     ),
     ArchSpec(

@@ -53,10 +53,10 @@ def final_norm(model: Model, device: torch.device, dtype: torch.dtype) -> torch.
 
 def output_embeddings(model: Model) -> torch.Tensor:
     """lm_head; tied models may leave it out and use the embedding matrix, as transformers does."""
-    if "lm_head.weight" in model.reader.weight_map:
-        return model.reader.read(["lm_head.weight"])["lm_head.weight"]
+    if model.spec.lm_head in model.reader.weight_map:
+        return model.reader.read([model.spec.lm_head])[model.spec.lm_head]
     if getattr(model.config, "tie_word_embeddings", False):
-        return model.reader.read(["model.embed_tokens.weight"])["model.embed_tokens.weight"]
+        return model.reader.read([model.spec.embed_name])[model.spec.embed_name]
     raise CheckpointError("the checkpoint has no lm_head.weight and tie_word_embeddings is false: it is incomplete")
 
 
@@ -91,7 +91,7 @@ def perplexity(model_dir: Path, text_path: Path, tokens: int = 16384, seqlen: in
     with tempfile.TemporaryDirectory(prefix="streammerge-eval-", dir=work_dir) as tmp:
         runner = LayerRunner(model.spec, model.config, device, dtype)
         norm = runner.final_norm(model.reader)  # refuses a checkpoint without one before any work
-        table = model.reader.read(["model.embed_tokens.weight"])["model.embed_tokens.weight"]
+        table = model.reader.read([model.spec.embed_name])[model.spec.embed_name]
         store = HiddenStates(tmp, 0, len(chunks))
         for c, chunk in enumerate(chunks):
             store.write(c, runner.embed(chunk, table).to(dtype))  # granite scales its embeddings

@@ -46,6 +46,8 @@ class Model:
             raise InputError(f"{config_path} is not valid JSON ({exc}): re-download it") from exc
         spec = spec_for(raw_config)
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+        if spec.text_config:  # a VLM: the layers are the text model's
+            config = getattr(config, spec.text_config)
         if not spec.moe_layers(config):
             raise UnsupportedArchitectureError(
                 f"this {spec.family} config has no MoE layer: it is a dense model, nothing to merge"
@@ -61,7 +63,7 @@ class Model:
 
     @property
     def weights_dtype(self) -> torch.dtype:
-        return self.reader.info["model.embed_tokens.weight"][0]
+        return self.reader.info[self.spec.embed_name][0]
 
     def layer_names(self, layer: int) -> list[str]:
         prefix = self.spec.layer_prefix(layer)
@@ -75,16 +77,18 @@ class Model:
             log.warning("leaving out %d tensors transformers ignores on load (multi-token prediction, e.g. %s); the "
                         "output's config says so", len(dropped), dropped[0])
         for name in self.reader.weight_map:
-            if name not in layered and name not in self.spec.global_tensors and name not in dropped:
+            if (name not in layered and name not in self.spec.global_tensors and name not in dropped
+                    and not self.spec.is_passthrough(name)):
                 raise CheckpointError(
                     f"unknown tensor {name}: it is not part of a {self.spec.family} checkpoint with "
                     f"{self.config.num_hidden_layers} layers; the checkpoint and config.json disagree"
                 )
-        if "model.embed_tokens.weight" not in self.reader.info:
-            raise CheckpointError("the checkpoint has no model.embed_tokens.weight: it is incomplete")
-        expected = {"model.embed_tokens.weight": (self.config.vocab_size, self.config.hidden_size),
-                    "lm_head.weight": (self.config.vocab_size, self.config.hidden_size),
-                    "model.norm.weight": (self.config.hidden_size,)}
+        embed, norm, head = self.spec.global_tensors[:3]
+        if embed not in self.reader.info:
+            raise CheckpointError(f"the checkpoint has no {embed}: it is incomplete")
+        expected = {embed: (self.config.vocab_size, self.config.hidden_size),
+                    head: (self.config.vocab_size, self.config.hidden_size),
+                    norm: (self.config.hidden_size,)}
         for name, shape in expected.items():
             if name in self.reader.info and self.reader.info[name][1] != shape:
                 raise CheckpointError(
@@ -135,7 +139,9 @@ class Model:
         Editing the dict, not re-serializing a config object, keeps the Hub's keys: e.g. Qwen3MoeConfig
         would write `num_local_experts` where the Hub has `num_experts`.
         """
-        raw = dict(self.raw_config)
+        top = raw = dict(self.raw_config)
+        if self.spec.text_config:  # a VLM: the counts live in the text model's config
+            raw = top[self.spec.text_config] = dict(top[self.spec.text_config])
         attribute_map = getattr(type(self.config), "attribute_map", {})
         for attribute, value in ((self.spec.experts_key, num_experts),
                                  (self.spec.top_k_key, min(self.spec.top_k(self.config), num_experts))):
@@ -146,4 +152,4 @@ class Model:
         for key, value in self.spec.dropped_config:  # e.g. the MTP layers left out: num_nextn_predict_layers = 0
             if key in raw:
                 raw[key] = value
-        return raw
+        return top

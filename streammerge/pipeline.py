@@ -143,7 +143,7 @@ class Run:
 
     def embed(self) -> None:
         """Layer 0's inputs: the embedding lookup of the calibration tokens."""
-        table = self.model.reader.read(["model.embed_tokens.weight"])["model.embed_tokens.weight"]
+        table = self.model.reader.read([self.spec.embed_name])[self.spec.embed_name]
         store = self.hidden(0)
         for c, rows in enumerate(self.chunks):
             ids = self.tokens[rows.start:rows.stop]
@@ -305,7 +305,7 @@ class Run:
         """Write the non-layer shard, copies, provenance and card, then the index and config last."""
         reader = self.model.reader
         globals_shard = shard_name(self.num_layers, self.total_shards)
-        global_names = [n for n in self.spec.global_tensors if n in reader.weight_map]
+        global_names = [n for n in reader.weight_map if n in self.spec.global_tensors or self.spec.is_passthrough(n)]
         save_shard(self.out_dir / globals_shard, reader.read(global_names))
         for path in self.model.extra_files():
             shutil.copyfile(path, self.out_dir / path.name)

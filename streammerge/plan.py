@@ -138,8 +138,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _by_layer(tensors: TensorTable) -> dict[int, list[str]]:
-    stem = LAYER_PREFIX.split("{")[0]
+def _by_layer(tensors: TensorTable, stem: str = LAYER_PREFIX.split("{")[0]) -> dict[int, list[str]]:
     layers: dict[int, list[str]] = defaultdict(list)
     for name in tensors:
         if name.startswith(stem):
@@ -168,7 +167,7 @@ def estimate(spec: ArchSpec, config, tensors: TensorTable, options: RunOptions, 
     experts = spec.num_experts(config)
     k = target_experts(experts, options.ratio, options.experts)
     moe_layers = set(spec.moe_layers(config))
-    weights_dtype = tensors["model.embed_tokens.weight"][0]
+    weights_dtype = tensors[spec.embed_name][0]
     compute = resolve_dtype(options.dtype, torch.device(device), weights_dtype)
     c = compute.itemsize
     hidden = config.hidden_size
@@ -179,12 +178,13 @@ def estimate(spec: ArchSpec, config, tensors: TensorTable, options: RunOptions, 
     hidden_set = tokens * hidden * c
 
     output = compressed_tensors(spec, config, tensors, k)
-    output_names = _by_layer(output)
+    stem = spec.layer_prefix(0)[:-2]  # "model.layers." (VLMs: "model.language_model.layers.")
+    output_names = _by_layer(output, stem)
     top_k_after = min(spec.top_k(config), k)
     scores_flops = 4 * tokens * options.seqlen * heads * head_dim
     non_expert = one_expert = intermediate = router = layer_bytes = 0
     largest = total = Work(0, 0, 0)
-    for layer, names in _by_layer(tensors).items():
+    for layer, names in _by_layer(tensors, stem).items():
         routed = set()
         if layer in moe_layers:
             routed = spec.routed_names(layer, experts)
@@ -205,7 +205,7 @@ def estimate(spec: ArchSpec, config, tensors: TensorTable, options: RunOptions, 
         largest = max(largest, work, key=lambda w: (w.flops, w.bytes_read))
         total += work
     global_bytes = sum(_bytes(tensors[n]) for n in spec.global_tensors if n in tensors)
-    total += Work(0, global_bytes + _bytes(tensors["model.embed_tokens.weight"]), global_bytes + hidden_set)
+    total += Work(0, global_bytes + _bytes(tensors[spec.embed_name]), global_bytes + hidden_set)
 
     attention_set = chunk * (hidden + 4 * heads * head_dim) * c
     if attention == "eager":
@@ -259,18 +259,19 @@ def config_tensors(spec: ArchSpec, config, dtype: torch.dtype) -> TensorTable:
     (ArchSpec.on_disk_table: per-expert, or fused for granitemoe/gpt-oss), which runner.split_layer reads.
     """
     hidden, vocab = config.hidden_size, config.vocab_size
-    shapes = {"model.embed_tokens.weight": (vocab, hidden)}
+    shapes = {spec.embed_name: (vocab, hidden)}
     for layer in range(config.num_hidden_layers):
         with torch.device("meta"):
             module = spec.layer_class_for(config, layer)(config, layer)
         memory = {key: (dtype, tuple(t.shape)) for key, t in module.state_dict().items()}
         shapes.update({name: shape for name, (_, shape) in spec.on_disk_table(layer, memory).items()})
-    norms = [n for n in spec.global_tensors if n not in ("model.embed_tokens.weight", "lm_head.weight")]
+    embed, norm, head = spec.global_tensors[:3]
+    norms = [n for n in spec.global_tensors if n not in (embed, head)]
     if any(n.endswith("norm.weight") for n in spec.extra_globals):  # jamba, lfm2: their own final norm's name
-        norms.remove("model.norm.weight")
+        norms.remove(norm)
     shapes.update({name: (hidden,) for name in norms})  # lm_head below
     if not getattr(config, "tie_word_embeddings", False):
-        shapes["lm_head.weight"] = (vocab, hidden)
+        shapes[spec.lm_head] = (vocab, hidden)
     return {name: (dtype, shape) for name, shape in shapes.items()}
 
 

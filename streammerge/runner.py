@@ -272,7 +272,7 @@ class LayerRunner:
         `embedding_norm`), filled from the checkpoint."""
         self._meta_model()
         name, norm = self._norm
-        prefix = f"model.{name}."
+        prefix = f"{self.spec.prefix}{name}."
         names = [n for n in reader.weight_map if n.startswith(prefix)]
         if not names:
             raise CheckpointError(f"the checkpoint has no {prefix}weight (the final norm): it is incomplete")

@@ -53,7 +53,7 @@ def test_layers_match_full_forward(tiny_models, more_family):
     sparse = [i for i, layer in enumerate(full.model.layers) if hasattr(getattr(layer, model.spec.moe_attr, None), "experts")]
     assert model.spec.moe_layers(model.config) == sparse and sparse  # the table's rule = transformers' layers
     runner = LayerRunner(model.spec, model.config, torch.device("cpu"), torch.float32)
-    hidden = runner.embed(tokens, model.reader.read(["model.embed_tokens.weight"])["model.embed_tokens.weight"])
+    hidden = runner.embed(tokens, model.reader.read([model.spec.embed_name])[model.spec.embed_name])
     for layer in range(model.config.num_hidden_layers):
         module = runner.build(layer, model.reader.read(model.layer_names(layer)))
         hidden = runner.forward(module, layer, hidden)
@@ -184,7 +184,9 @@ def test_plan_tables_match_the_checkpoint(tiny_models, family):
     from streammerge.plan import compressed_tensors, config_tensors
     model = Model.open(tiny_models(family))
     table = config_tensors(model.spec, model.config, torch.float32)
-    assert {n: s for n, (_, s) in table.items()} == {n: s for n, (_, s) in model.reader.info.items()}
+    # (a VLM's vision tower, copied unchanged, is not in a plan made from the text config alone)
+    assert {n: s for n, (_, s) in table.items()} == {n: s for n, (_, s) in model.reader.info.items()
+                                                      if not model.spec.is_passthrough(n)}
     k = model.spec.num_experts(model.config) // 2
     after = compressed_tensors(model.spec, model.config, model.reader.info, k)
     for layer in model.spec.moe_layers(model.config):
@@ -230,3 +232,15 @@ def test_multi_token_prediction_tensors_are_left_out(tiny_models, tmp_path, fami
     assert not any(info.values()), info
     assert not any(n.startswith(extra) for n in CheckpointReader(out).names())
     assert json.loads((out / "config.json").read_text())[key] == 0
+
+
+def test_vision_language_checkpoint_keeps_its_vision_tower(tiny_models, halved):
+    """Qwen3.5-MoE as released: the output loads strictly as the full vision-language model too."""
+    from transformers import AutoModelForImageTextToText
+    source_dir, out = tiny_models("qwen3_5_moe"), halved("qwen3_5_moe")
+    model, info = AutoModelForImageTextToText.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()), info
+    assert model.config.text_config.num_experts == 8
+    source, merged = CheckpointReader(source_dir), CheckpointReader(out)
+    visual = [n for n in source.names() if n.startswith("model.visual.")]
+    assert visual and all(torch.equal(source.read([n])[n], merged.read([n])[n]) for n in visual)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, PreTrainedTokenizerFast
 
 CONFIGS = Path(__file__).parent / "configs"
 TEXT = Path(__file__).parent.parent / "streammerge" / "data" / "calibration.txt"
@@ -38,6 +38,10 @@ MORE_FAMILIES = {
                                     layer_types=["linear_attention", "full_attention", "linear_attention"],
                                     linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
                                     linear_num_value_heads=4)),
+    "qwen3_5_moe": (None, dict(num_experts=16, num_experts_per_tok=4, shared_expert_intermediate_size=48,
+                               layer_types=["linear_attention", "full_attention", "linear_attention"],
+                               linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
+                               linear_num_value_heads=4)),
     "minimax_m2": ("MiniMaxAI__MiniMax-M2", dict(num_local_experts=16, intermediate_size=32, use_mtp=False)),
     "minimax": (None, dict(num_local_experts=8, layer_types=["linear_attention", "full_attention", "linear_attention"])),
     "phimoe": (None, dict(num_local_experts=8, rope_scaling=None)),
@@ -81,7 +85,16 @@ def make_tokenizer(out_dir: Path, vocab_size: int = 384) -> PreTrainedTokenizerF
     return fast
 
 
+# Vision-language families: the text model's config is shrunk as above, the vision tower is tiny.
+VISION = {"qwen3_5_moe": dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=32, out_hidden_size=64)}
+
+
 def tiny_config(family: str, layers: int = 3, vocab_size: int = 384, **overrides):
+    if family in VISION:
+        text = tiny_config(f"{family}_text", layers, vocab_size, **overrides).to_dict()
+        text.update(MORE_FAMILIES[family][1])
+        return AutoConfig.for_model(family, text_config=text, vision_config=VISION[family],
+                                    tie_word_embeddings=False)
     if family in MORE_FAMILIES:
         name, shrink = MORE_FAMILIES[family]
         if name is None:
@@ -112,7 +125,8 @@ def make_model(family: str, out_dir: Path, seed: int = 0, shard_size: str = "150
     tokenizer = make_tokenizer(out_dir)
     config = tiny_config(family, vocab_size=len(tokenizer), **overrides)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model_class = AutoModelForImageTextToText if family in VISION else AutoModelForCausalLM
+    model = model_class.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # spread the routers so experts are chosen unevenly, as in trained models
         for name, p in model.named_parameters():
             if name.endswith("mlp.gate.weight"):
