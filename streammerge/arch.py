@@ -568,6 +568,19 @@ _SPECS = (
         fused=(("experts.gate_up_proj", "gate_up_proj"), ("experts.down_proj", "down_proj")),
         softmax_router=False, scaled_input_experts=True,
     ),
+    ArchSpec(
+        model_type="llama4", family="Llama 4 (vision-language checkpoints)", modeling_module=_transformers("llama4"),
+        layer_class="Llama4TextDecoderLayer", rotary_class="Llama4TextRotaryEmbedding",
+        experts_key="num_local_experts", top_k_key="num_experts_per_tok",
+        moe_prefix="feed_forward", moe_attr="feed_forward", router="router.weight", projections=(),
+        routing=("top-k of the router logits; each chosen expert's INPUT is scaled by the sigmoid of its logit; "
+                 "chunked and full attention"),
+        shared_expert="shared_expert; layers not in moe_layers are dense; the vision tower and projector", is_moe_layer=_listed_moe_layers,
+        fused=(("experts.gate_up_proj", "gate_up_proj"), ("experts.down_proj", "down_proj")),
+        softmax_router=False, scaled_input_experts=True,
+        prefix="language_model.model.", lm_head="language_model.lm_head.weight", text_config="text_config",
+        passthrough=("vision_model.", "multi_modal_projector."),
+    ),
 )
 
 ARCHITECTURES: dict[str, ArchSpec] = {spec.model_type: spec for spec in _SPECS}

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
 from streammerge.arch import ARCHITECTURES, families_table
 from streammerge.checkpoint import CheckpointReader
@@ -14,7 +14,7 @@ from streammerge.errors import InputError, UnsupportedArchitectureError
 from streammerge.model import Model
 from streammerge.pipeline import Run, RunOptions, run
 from streammerge.runner import LayerRunner
-from tiny_models import FAMILIES, MORE_FAMILIES
+from tiny_models import FAMILIES, MORE_FAMILIES, VISION
 
 OPTIONS = dict(samples=4, seqlen=16, batch=2, ratio=0.5, device="cpu")
 TESTED = sorted(f for f in MORE_FAMILIES if f in ARCHITECTURES)
@@ -111,23 +111,26 @@ def test_routing_statistics_equal_router_outputs(tiny_models, more_family, tmp_p
 def test_half_the_experts_load_strictly_and_generate(tiny_models, halved, more_family):
     spec = ARCHITECTURES[more_family]
     source_dir, out = tiny_models(more_family), halved(more_family)
-    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    # vision-language checkpoints load strictly as the whole model (vision tower included)
+    loader = AutoModelForImageTextToText if more_family in VISION else AutoModelForCausalLM
+    model, info = loader.from_pretrained(out, output_loading_info=True)
     assert not any(info.values()), info
-    before = spec.num_experts(AutoModelForCausalLM.from_pretrained(source_dir).config)
+    text_config = model.config.text_config if more_family in VISION else model.config
+    before = spec.num_experts(Model.open(source_dir).config)
     k = json.loads((out / "streammerge.json").read_text())["experts_after"]
-    assert k == before // 2 and spec.num_experts(model.config) == k
-    assert spec.top_k(model.config) <= k
+    assert k == before // 2 and spec.num_experts(text_config) == k
+    assert spec.top_k(text_config) <= k
     source, merged = CheckpointReader(source_dir), CheckpointReader(out)
     assert sorted(merged.names()) == sorted(
         n for n in source.names()
         if not any(f".experts.{e}." in n for e in range(k, before)))  # same names, experts renumbered 0..K-1
-    for layer in spec.moe_layers(model.config):
+    for layer in spec.moe_layers(text_config):
         assert merged.info[spec.router_name(layer)][1][0] == k
         for name, dim in spec.router_vector_names(layer):
             assert merged.info[name][1][dim] == k
         for name in spec.fused_names(layer):
             assert merged.info[name][1] == (k, *source.info[name][1][1:])
-    routed = {n for layer in spec.moe_layers(model.config) for n in spec.routed_names(layer, before)}
+    routed = {n for layer in spec.moe_layers(text_config) for n in spec.routed_names(layer, before)}
     kept = [n for n in source.names() if n not in routed]
     a, b = source.read(kept), merged.read(kept)
     assert all(torch.equal(a[n], b[n]) for n in kept)
@@ -232,15 +235,3 @@ def test_multi_token_prediction_tensors_are_left_out(tiny_models, tmp_path, fami
     assert not any(info.values()), info
     assert not any(n.startswith(extra) for n in CheckpointReader(out).names())
     assert json.loads((out / "config.json").read_text())[key] == 0
-
-
-def test_vision_language_checkpoint_keeps_its_vision_tower(tiny_models, halved):
-    """Qwen3.5-MoE as released: the output loads strictly as the full vision-language model too."""
-    from transformers import AutoModelForImageTextToText
-    source_dir, out = tiny_models("qwen3_5_moe"), halved("qwen3_5_moe")
-    model, info = AutoModelForImageTextToText.from_pretrained(out, output_loading_info=True)
-    assert not any(info.values()), info
-    assert model.config.text_config.num_experts == 8
-    source, merged = CheckpointReader(source_dir), CheckpointReader(out)
-    visual = [n for n in source.names() if n.startswith("model.visual.")]
-    assert visual and all(torch.equal(source.read([n])[n], merged.read([n])[n]) for n in visual)

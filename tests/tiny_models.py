@@ -42,6 +42,7 @@ MORE_FAMILIES = {
                                layer_types=["linear_attention", "full_attention", "linear_attention"],
                                linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
                                linear_num_value_heads=4)),
+    "llama4": (None, {}),
     "minimax_m2": ("MiniMaxAI__MiniMax-M2", dict(num_local_experts=16, intermediate_size=32, use_mtp=False)),
     "minimax": (None, dict(num_local_experts=8, layer_types=["linear_attention", "full_attention", "linear_attention"])),
     "phimoe": (None, dict(num_local_experts=8, rope_scaling=None)),
@@ -86,7 +87,10 @@ def make_tokenizer(out_dir: Path, vocab_size: int = 384) -> PreTrainedTokenizerF
 
 
 # Vision-language families: the text model's config is shrunk as above, the vision tower is tiny.
-VISION = {"qwen3_5_moe": dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=32, out_hidden_size=64)}
+VISION = {"qwen3_5_moe": dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=32, out_hidden_size=64),
+          "llama4": dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                         projector_input_dim=32, projector_output_dim=64, vision_output_dim=32, image_size=32,
+                         patch_size=16)}
 
 
 def tiny_config(family: str, layers: int = 3, vocab_size: int = 384, **overrides):
