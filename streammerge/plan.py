@@ -166,6 +166,7 @@ def estimate(spec: ArchSpec, config, tensors: TensorTable, options: RunOptions, 
         raise InputError("--samples, --seqlen and --batch must each be at least 1")
     experts = spec.num_experts(config)
     k = target_experts(experts, options.ratio, options.experts)
+    spec.check_experts_kept(config, k)  # group-limited routing, as run refuses it
     moe_layers = set(spec.moe_layers(config))
     weights_dtype = tensors[spec.embed_name][0]
     compute = resolve_dtype(options.dtype, torch.device(device), weights_dtype)
@@ -307,6 +308,8 @@ def _open_config(model_dir: Path) -> tuple[dict, object, ArchSpec]:
         raise InputError(f"{path} is not valid JSON ({exc}): re-download it") from exc
     spec = spec_for(raw_config)
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    if spec.text_config:  # a VLM: the layers are the text model's
+        config = getattr(config, spec.text_config)
     if not spec.moe_layers(config):
         raise UnsupportedArchitectureError(
             f"this {spec.family} config has no MoE layer: it is a dense model, nothing to merge")

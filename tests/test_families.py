@@ -235,3 +235,18 @@ def test_multi_token_prediction_tensors_are_left_out(tiny_models, tmp_path, fami
     assert not any(info.values()), info
     assert not any(n.startswith(extra) for n in CheckpointReader(out).names())
     assert json.loads((out / "config.json").read_text())[key] == 0
+
+
+@pytest.mark.parametrize("family", sorted(ARCHITECTURES))
+def test_inspect_and_plan_work_for_every_family(tiny_models, tmp_path, family):
+    import shutil
+    from click.testing import CliRunner
+    from streammerge.cli import main
+    model_dir = tiny_models(family)
+    result = CliRunner().invoke(main, ["inspect", str(model_dir)])
+    assert result.exit_code == 0 and ARCHITECTURES[family].family in result.output, result.output
+    bare = tmp_path / "bare"  # config.json alone: plan from the shapes transformers' classes give
+    bare.mkdir()
+    shutil.copy(model_dir / "config.json", bare / "config.json")
+    result = CliRunner().invoke(main, ["plan", str(bare), "--ratio", "0.5"])
+    assert result.exit_code == 0, result.output
