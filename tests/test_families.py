@@ -250,3 +250,28 @@ def test_inspect_and_plan_work_for_every_family(tiny_models, tmp_path, family):
     shutil.copy(model_dir / "config.json", bare / "config.json")
     result = CliRunner().invoke(main, ["plan", str(bare), "--ratio", "0.5"])
     assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("family, overrides, method", [
+    ("deepseek_v3", {}, "prune-freq"),
+    ("deepseek_v2", dict(topk_method="group_limited_greedy", n_group=4, topk_group=2, num_experts_per_tok=2), "hcsmoe"),
+])
+def test_group_limited_compression_stays_in_groups(tmp_path, family, overrides, method):
+    from tiny_models import make_model
+    model_dir = make_model(family, tmp_path / "model", **overrides)
+    out = tmp_path / "out"
+    run(model_dir, out, RunOptions(**{**OPTIONS, "method": method}))
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()), info
+    n_group, experts = model.config.n_group, 2 * model.config.n_routed_experts
+    for layer in json.loads((out / "streammerge.json").read_text())["layers"]:
+        if "groups" in layer:
+            per_group = len(layer["groups"]) // n_group
+            for k, members in enumerate(layer["groups"]):
+                assert {e // (experts // n_group) for e in members} == {k // per_group}
+    assert torch.isfinite(model(torch.tensor([[5, 6, 7]])).logits).all()
+
+
+def test_fitted_routers_are_refused_for_non_softmax_routing(tiny_models, tmp_path):
+    with pytest.raises(InputError, match="--router kl fits a softmax router"):
+        Run(tiny_models("deepseek_v3"), tmp_path / "out", RunOptions(**{**OPTIONS, "router": "kl"}))
