@@ -588,10 +588,32 @@ ARCHITECTURES: dict[str, ArchSpec] = {spec.model_type: spec for spec in _SPECS}
 _EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
 
-def check_quantization(raw_config: dict) -> None:
-    """Quantized checkpoints (FP8 blocks with weight_scale_inv, MXFP4 blocks, GPTQ, ...) cannot be averaged as stored."""
+FP8_SCALE_SUFFIX = "_scale_inv"
+
+
+def fp8_block_size(raw_config: dict) -> tuple[int, int] | None:
+    """The [rows, columns] blocks of a block-quantized FP8 checkpoint (DeepSeek-V3's native format: e4m3 weights,
+    one float32 `weight_scale_inv` per block), None for anything else."""
     quantization = raw_config.get("quantization_config")
-    if not quantization:
+    if isinstance(quantization, dict) and quantization.get("quant_method") == "fp8" and quantization.get("weight_block_size"):
+        rows, columns = quantization["weight_block_size"]
+        return int(rows), int(columns)
+    return None
+
+
+def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
+                   dtype: torch.dtype) -> torch.Tensor:
+    """weight × its block's scale, as DeepSeek's and transformers' FP8 dequantization compute it."""
+    rows, columns = weight.shape
+    scale = scale_inv.float().repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :columns]
+    return (weight.float() * scale).to(dtype)
+
+
+def check_quantization(raw_config: dict) -> None:
+    """Block-FP8 checkpoints are dequantized on read; other quantized ones (MXFP4 blocks, GPTQ, ...) cannot be
+    averaged as stored and are refused."""
+    quantization = raw_config.get("quantization_config")
+    if not quantization or fp8_block_size(raw_config):
         return
     method = quantization.get("quant_method", "unknown") if isinstance(quantization, dict) else "unknown"
     raise UnsupportedArchitectureError(

@@ -97,7 +97,7 @@ def perplexity(model_dir: Path, text_path: Path, tokens: int = 16384, seqlen: in
             store.write(c, runner.embed(chunk, table).to(dtype))  # granite scales its embeddings
         del table
         for layer in tqdm(range(num_layers), desc="layers", disable=None):
-            module = runner.build(layer, model.reader.read(model.layer_names(layer)))
+            module = runner.build(layer, model.read(model.layer_names(layer)))
             source, store = store, HiddenStates(tmp, layer + 1, len(chunks))
             for c in range(len(chunks)):
                 store.write(c, runner.forward(module, layer, source.read(c, device)))

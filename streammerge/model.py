@@ -14,7 +14,7 @@ import transformers
 from transformers import AutoConfig, AutoTokenizer
 
 from . import __version__
-from .arch import GLOBAL_TENSORS, ArchSpec, spec_for
+from .arch import FP8_SCALE_SUFFIX, GLOBAL_TENSORS, ArchSpec, dequantize_fp8, fp8_block_size, spec_for
 from .checkpoint import INDEX_NAME, CheckpointReader
 from .errors import CheckpointError, InputError, UnsupportedArchitectureError
 from .runner import load_layer
@@ -31,6 +31,7 @@ class Model:
         self.config = config
         self.spec = spec
         self.reader = reader
+        self.fp8_block = fp8_block_size(raw_config)  # block-FP8 weights are dequantized as they are read
 
     @classmethod
     def open(cls, model_dir: Path, check_tensors: bool = True) -> "Model":
@@ -67,7 +68,22 @@ class Model:
 
     def layer_names(self, layer: int) -> list[str]:
         prefix = self.spec.layer_prefix(layer)
-        return [n for n in self.reader.weight_map if n.startswith(prefix)]
+        return [n for n in self.reader.weight_map if n.startswith(prefix) and not self._is_scale(n)]
+
+    def _is_scale(self, name: str) -> bool:
+        return (self.fp8_block is not None and name.endswith(FP8_SCALE_SUFFIX)
+                and name[:-len(FP8_SCALE_SUFFIX)] in self.reader.weight_map)
+
+    def read(self, names: list[str]) -> dict:
+        """`reader.read`, with block-FP8 weights dequantized to the checkpoint's unquantized dtype."""
+        if self.fp8_block is None:
+            return self.reader.read(names)
+        scales = [n + FP8_SCALE_SUFFIX for n in names if n + FP8_SCALE_SUFFIX in self.reader.weight_map]
+        tensors = self.reader.read([*names, *scales])
+        for scale in scales:
+            name = scale[:-len(FP8_SCALE_SUFFIX)]
+            tensors[name] = dequantize_fp8(tensors[name], tensors.pop(scale), self.fp8_block, self.weights_dtype)
+        return tensors
 
     def check_tensors(self) -> None:
         """Every checkpoint tensor must belong to the architecture, with the config's shapes (no weights read)."""
@@ -78,7 +94,7 @@ class Model:
                         "output's config says so", len(dropped), dropped[0])
         for name in self.reader.weight_map:
             if (name not in layered and name not in self.spec.global_tensors and name not in dropped
-                    and not self.spec.is_passthrough(name)):
+                    and not self.spec.is_passthrough(name) and not self._is_scale(name)):
                 raise CheckpointError(
                     f"unknown tensor {name}: it is not part of a {self.spec.family} checkpoint with "
                     f"{self.config.num_hidden_layers} layers; the checkpoint and config.json disagree"
@@ -152,4 +168,6 @@ class Model:
         for key, value in self.spec.dropped_config:  # e.g. the MTP layers left out: num_nextn_predict_layers = 0
             if key in raw:
                 raw[key] = value
+        if self.fp8_block is not None:  # the output holds the dequantized weights
+            top.pop("quantization_config", None)
         return top

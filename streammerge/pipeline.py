@@ -164,7 +164,7 @@ class Run:
     def process(self, layer: int) -> dict:
         if layer + 1 < self.num_layers:
             self.model.reader.prefetch(self.model.layer_names(layer + 1))
-        tensors = self.model.reader.read(self.model.layer_names(layer))
+        tensors = self.model.read(self.model.layer_names(layer))  # block-FP8 weights dequantized
         module = self.runner.build(layer, tensors)
         source, target = self.hidden(layer), self.hidden(layer + 1)
         record = {"layer": layer, "shard": shard_name(layer, self.total_shards)}

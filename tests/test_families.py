@@ -157,13 +157,68 @@ def test_group_limited_routing_refuses_invalid_counts(tiny_models, tmp_path):
 
 def test_quantized_checkpoints_are_refused_with_the_fix(tiny_models, tmp_path):
     import shutil
-    directory = tmp_path / "fp8"
-    shutil.copytree(tiny_models("deepseek_v3"), directory)
+    directory = tmp_path / "mxfp4"
+    shutil.copytree(tiny_models("gpt_oss"), directory)
     config = json.loads((directory / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    config["quantization_config"] = {"quant_method": "mxfp4"}
     (directory / "config.json").write_text(json.dumps(config))
     with pytest.raises(UnsupportedArchitectureError, match="dequantize it to bf16 first"):
         Model.open(directory)
+
+
+def _fp8_blocks(weight, block=(128, 128)):
+    """DeepSeek-V3's format: e4m3 weights and one float32 scale per block (amax / 448)."""
+    rows, columns = weight.shape
+    padded = torch.zeros(-(-rows // block[0]) * block[0], -(-columns // block[1]) * block[1])
+    padded[:rows, :columns] = weight.float()
+    blocks = padded.view(padded.shape[0] // block[0], block[0], padded.shape[1] // block[1], block[1])
+    scale = (blocks.abs().amax(dim=(1, 3)) / 448).clamp(min=1e-12)
+    expanded = scale.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)[:rows, :columns]
+    return (weight.float() / expanded).to(torch.float8_e4m3fn), scale
+
+
+def test_block_fp8_checkpoints_are_dequantized_on_read(tiny_models, tmp_path):
+    """DeepSeek-V3 as released (FP8 128x128 blocks): read dequantized, written as the unquantized dtype."""
+    import shutil
+    from safetensors.torch import save_file
+    from streammerge.arch import dequantize_fp8
+    from streammerge.evaluate import perplexity, token_windows
+    from test_evaluate import HELDOUT, SIZES, reference_perplexity
+    source = tiny_models("deepseek_v3")
+    fp8, plain = tmp_path / "fp8", tmp_path / "dequantized"
+    for directory in (fp8, plain):
+        directory.mkdir()
+        for extra in source.iterdir():
+            if not extra.name.endswith(".safetensors") and not extra.name.endswith(".index.json"):
+                shutil.copy(extra, directory / extra.name)
+    tensors = CheckpointReader(source).read(CheckpointReader(source).names())
+    quantized, dequantized = {}, {}
+    for name, tensor in tensors.items():
+        if name.startswith("model.layers.") and tensor.dim() == 2 and not name.endswith("mlp.gate.weight"):
+            weight, scale = _fp8_blocks(tensor)
+            quantized[name], quantized[name + "_scale_inv"] = weight, scale
+            dequantized[name] = dequantize_fp8(weight, scale, (128, 128), tensor.dtype)
+        else:
+            quantized[name] = dequantized[name] = tensor.contiguous()
+    save_file(quantized, str(fp8 / "model.safetensors"))
+    save_file(dequantized, str(plain / "model.safetensors"))
+    config = json.loads((fp8 / "config.json").read_text())
+    config["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                     "weight_block_size": [128, 128]}
+    (fp8 / "config.json").write_text(json.dumps(config))
+    got = perplexity(fp8, HELDOUT, **SIZES, device="cpu", dtype="float32")["perplexity"]
+    ids = token_windows(Model.open(plain).tokenizer(), HELDOUT, SIZES["tokens"], SIZES["seqlen"])
+    expected = reference_perplexity(plain, ids)
+    assert abs(got - expected) / expected <= 1e-4, (got, expected)
+    out = tmp_path / "out"
+    run(fp8, out, RunOptions(**OPTIONS))
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()), info
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    written = CheckpointReader(out)
+    assert {dtype for dtype, _ in written.info.values()} == {torch.float32}
+    assert not any(n.endswith("_scale_inv") for n in written.names())
+    assert model.config.n_routed_experts == 16
 
 
 def test_unsupported_family_lists_the_supported_ones():
