@@ -70,6 +70,14 @@ class Model:
         prefix = self.spec.layer_prefix(layer)
         return [n for n in self.reader.weight_map if n.startswith(prefix) and not self._is_scale(n)]
 
+    @property
+    def tensor_table(self) -> dict:
+        """name -> (dtype, shape) of the tensors as read: block-FP8 weights in the unquantized dtype, no scales."""
+        if self.fp8_block is None:
+            return self.reader.info
+        return {n: ((self.weights_dtype, shape) if n + FP8_SCALE_SUFFIX in self.reader.info else (dtype, shape))
+                for n, (dtype, shape) in self.reader.info.items() if not self._is_scale(n)}
+
     def _is_scale(self, name: str) -> bool:
         return (self.fp8_block is not None and name.endswith(FP8_SCALE_SUFFIX)
                 and name[:-len(FP8_SCALE_SUFFIX)] in self.reader.weight_map)

@@ -368,7 +368,7 @@ def run(model_dir: Path, out_dir: Path, options: RunOptions) -> dict:
     from .plan import estimate, planned_device, preflight  # plan imports this module
 
     state = Run(model_dir, out_dir, options)
-    preflight(estimate(state.spec, state.config, state.model.reader.info, options, planned_device(options.device)),
+    preflight(estimate(state.spec, state.config, state.model.tensor_table, options, planned_device(options.device)),
               state.out_dir)
     status = state.journal.open(state.signature_fields(), state.output_files(), state.num_layers, options.restart)
     if status == "complete":

@@ -322,7 +322,7 @@ def plan_model(model_dir: Path, options: RunOptions) -> Plan:
     device = planned_device(options.device)
     if not _config_only(model_dir):
         model = Model.open(model_dir)
-        return estimate(model.spec, model.config, model.reader.info, options, device)
+        return estimate(model.spec, model.config, model.tensor_table, options, device)  # FP8 read dequantized
     raw_config, config, spec = _open_config(model_dir)
     dtype = config_dtype(raw_config)
     plan = estimate(spec, config, config_tensors(spec, config, dtype), options, device)

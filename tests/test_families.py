@@ -219,6 +219,9 @@ def test_block_fp8_checkpoints_are_dequantized_on_read(tiny_models, tmp_path):
     assert {dtype for dtype, _ in written.info.values()} == {torch.float32}
     assert not any(n.endswith("_scale_inv") for n in written.names())
     assert model.config.n_routed_experts == 16
+    from streammerge.plan import plan_model  # the disk preflight counts the output unquantized
+    planned = plan_model(fp8, RunOptions(**OPTIONS))
+    assert planned == plan_model(plain, RunOptions(**OPTIONS))
 
 
 def test_unsupported_family_lists_the_supported_ones():
