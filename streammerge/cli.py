@@ -52,10 +52,10 @@ def run_options(command):
         click.option("--seqlen", type=int, default=512, show_default=True, help="Tokens per window."),
         click.option("--batch", type=int, default=4, show_default=True,
                      help="Windows per chunk: one chunk of hidden states is in memory at a time."),
-        click.option("--method", type=click.Choice(METHODS), default="hcsmoe", show_default=True,
+        click.option("--method", type=click.Choice(METHODS), default="auto", show_default=True,
                      help="hcsmoe: merge clustered experts; prune-freq / prune-reap: drop the least used / least "
                           "salient; auto: per layer, whichever has the lowest MoE-block error on held-aside tokens."),
-        click.option("--feature", type=click.Choice(FEATURES), default="mean-output", show_default=True,
+        click.option("--feature", type=click.Choice(FEATURES), default="token-distance", show_default=True,
                      help="What clustering compares: each expert's mean output (HC-SMoE), or the mean distance "
                           "between two experts' outputs token by token."),
         click.option("--linkage", type=click.Choice(LINKAGES), default="average", show_default=True),

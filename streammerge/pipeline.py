@@ -44,8 +44,8 @@ class RunOptions:
     samples: int = 32
     seqlen: int = 512
     batch: int = 4
-    method: str = "hcsmoe"
-    feature: str = "mean-output"
+    method: str = "auto"  # defaults chosen by tools/quality.py, see README "Quality"
+    feature: str = "token-distance"
     linkage: str = "average"
     metric: str = "euclidean"
     merge: str = "freq"

@@ -16,7 +16,7 @@ from streammerge.pipeline import Run, RunOptions, run
 from streammerge.runner import LayerRunner
 from tiny_models import FAMILIES, MORE_FAMILIES, VISION
 
-OPTIONS = dict(samples=4, seqlen=16, batch=2, ratio=0.5, device="cpu")
+OPTIONS = dict(samples=4, seqlen=16, batch=2, ratio=0.5, device="cpu", method="hcsmoe")
 TESTED = sorted(f for f in MORE_FAMILIES if f in ARCHITECTURES)
 
 

@@ -47,7 +47,7 @@ def test_keeping_every_expert_reproduces_the_original_logits(tiny_models, tmp_pa
 
 def test_token_distance_feature_and_merged_propagation(tiny_models, tmp_path):
     out = tmp_path / "out"
-    run(tiny_models("olmoe"), out, RunOptions(ratio=0.25, feature="token-distance", propagate="merged", **SMALL))
+    run(tiny_models("olmoe"), out, RunOptions(ratio=0.25, method="hcsmoe", feature="token-distance", propagate="merged", **SMALL))
     load_strictly(out)
     layers = json.loads((out / "streammerge.json").read_text())["layers"]
     assert all(len(layer["groups"]) == 48 for layer in layers)

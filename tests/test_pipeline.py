@@ -14,7 +14,7 @@ from streammerge.calibration import DEFAULT_TEXT, sample_windows
 from streammerge.checkpoint import CheckpointReader
 from streammerge.pipeline import Run, RunOptions, run
 
-OPTIONS = dict(samples=6, seqlen=32, batch=4, ratio=0.5, device="cpu")
+OPTIONS = dict(samples=6, seqlen=32, batch=4, ratio=0.5, device="cpu", method="hcsmoe", feature="mean-output")
 
 
 @pytest.fixture(scope="session")

@@ -30,12 +30,14 @@ HELDOUT = DEFAULT_TEXT.parent / "heldout.txt"
 
 
 def settings() -> list[dict]:
-    """Every setting worth comparing; for pruning the feature and router do not matter."""
-    merging = [dict(method="hcsmoe", feature=f, router=r, propagate=p)
-               for f, r, p in product(FEATURES, ROUTERS, PROPAGATIONS)]
+    """The settings worth comparing. Features and routers are compared with the paper's propagation
+    (original); propagation is then compared on the settings where it can matter. For pruning the
+    feature and router do not matter."""
+    merging = [dict(method="hcsmoe", feature=f, router=r, propagate="original") for f, r in product(FEATURES, ROUTERS)]
+    merging.append(dict(method="hcsmoe", feature="mean-output", router="kl", propagate="merged"))
     pruning = [dict(method=m, propagate=p) for m, p in product(("prune-freq", "prune-reap"), PROPAGATIONS)]
-    automatic = [dict(method="auto", feature=f, router=r, propagate=p)
-                 for f, r, p in product(FEATURES, ("dominant", "kl"), PROPAGATIONS)]
+    automatic = [dict(method="auto", feature="mean-output", router=r, propagate=p)
+                 for r, p in product(("dominant", "kl"), PROPAGATIONS)]
     return merging + pruning + automatic
 
 
