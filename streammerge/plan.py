@@ -28,8 +28,8 @@ Host peak (RSS):
   baseline            HOST_BASELINE_BYTES: interpreter, torch and transformers imported
   layer               the largest layer's tensors as read: memory-mapped pages, which count in RSS once touched
                       and stay mapped until the layer's shard is written
-  merged experts      K experts in the weights' dtype per compressed candidate (3 with --method auto), held until
-                      the shard is written
+  merging             one merged expert at a time (merged experts are computed when written or run): its
+                      float32 accumulator and its result in the weights' dtype
   hidden states       one chunk read from disk and one chunk written, 2·N·H·c
   statistics          E×H float64 output sums, the E×E token distances, and the S sampled MoE inputs of every
                       chunk in float32 (for router fitting)
@@ -221,11 +221,10 @@ def estimate(spec: ArchSpec, config, tensors: TensorTable, options: RunOptions, 
         "routing": router * c + chunk * experts * 2 * FLOAT32_BYTES + experts * SAMPLED_TOKENS_PER_CHUNK * hidden * c,
     }
     chunks = math.ceil(options.samples / options.batch)
-    candidates = 3 if options.method == "auto" else 1
     host_memory = {
         "baseline": HOST_BASELINE_BYTES,
         "layer": layer_bytes,
-        "merged experts": candidates * k * one_expert * weights_dtype.itemsize,
+        "merging": one_expert * (FLOAT32_BYTES + weights_dtype.itemsize),
         "hidden states": 2 * chunk * hidden * c,
         "statistics": (experts * hidden + experts * experts) * FLOAT64_BYTES
         + chunks * SAMPLED_TOKENS_PER_CHUNK * hidden * FLOAT32_BYTES,
