@@ -8,6 +8,7 @@ import logging
 import math
 import shutil
 import time
+from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 METHODS = ("hcsmoe", "prune-freq", "prune-reap", "auto")
 FEATURES = ("mean-output", "token-distance")
 PROPAGATIONS = ("original", "merged")
+METHOD_NAMES = {"hcsmoe": "HC-SMoE expert merging", "prune-freq": "pruning by usage frequency",
+                "prune-reap": "REAP pruning"}
 SAMPLED_TOKENS_PER_CHUNK = 64
 SCORED_TOKENS = 512  # of the last chunk, on which compressed MoE blocks are scored
 
@@ -335,17 +338,18 @@ class Run:
 
     def model_card(self, provenance: dict) -> str:
         o = self.options
+        chosen = Counter(layer["method"] for layer in provenance["layers"] if "method" in layer)
+        methods = ", ".join(f"{METHOD_NAMES[m]} in {n} layer{'s' if n > 1 else ''}" for m, n in sorted(chosen.items()))
         return (
             f"# {self.model.name}, {self.num_experts}→{self.k} experts (streammerge)\n\n"
             f"This checkpoint is **{self.model.name}** ({self.spec.family}) with the routed experts of every MoE layer "
-            f"merged from {self.num_experts} to {self.k} by "
-            f"[streammerge](https://pypi.org/project/streammerge/) {__version__}, without retraining: HC-SMoE "
-            f"({o.linkage}-linkage clustering of the experts' mean outputs, {o.metric} distance), `{o.merge}` weight "
-            f"averaging inside each cluster, router row `{o.router}`. Calibration: {o.samples} × {o.seqlen} tokens "
-            f"from `{Path(o.calib).name}`, seed {o.seed}. Everything outside the routed experts is unchanged.\n\n"
-            f"It loads with plain `AutoModelForCausalLM.from_pretrained`. Per-layer clusters and usage frequencies "
-            f"are in `{PROVENANCE}`. Quality is not guaranteed: measure it on your task "
-            f"(`streammerge eval`).\n"
+            f"reduced from {self.num_experts} to {self.k} by streammerge {__version__}, without retraining: {methods} "
+            f"(`--method {o.method}`; merging settings: `--feature {o.feature} --linkage {o.linkage} --merge {o.merge} "
+            f"--router {o.router}`). Calibration: {o.samples} × {o.seqlen} tokens from `{Path(o.calib).name}`, "
+            f"seed {o.seed}. Everything outside the routed experts and their router rows is unchanged.\n\n"
+            f"It loads with plain `AutoModelForCausalLM.from_pretrained`. Per-layer groups, usage frequencies and the "
+            f"relative error of each compressed MoE block are in `{PROVENANCE}`. Quality is not guaranteed: measure "
+            f"it on your task (`streammerge eval`).\n"
         )
 
     def summary(self, started: float) -> dict:
