@@ -14,7 +14,7 @@ import transformers
 from transformers import AutoConfig, AutoTokenizer
 
 from . import __version__
-from .arch import FP8_SCALE_SUFFIX, GLOBAL_TENSORS, ArchSpec, dequantize_fp8, fp8_block_size, spec_for
+from .arch import FP8_SCALE_SUFFIX, ArchSpec, dequantize_fp8, fp8_block_size, spec_for
 from .checkpoint import INDEX_NAME, CheckpointReader
 from .errors import CheckpointError, InputError, UnsupportedArchitectureError
 from .runner import load_layer
@@ -22,6 +22,29 @@ from .runner import load_layer
 log = logging.getLogger(__name__)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
 NOT_COPIED = {"config.json", "README.md", ".gitattributes", INDEX_NAME, "streammerge.json", "streammerge.log"}
+
+
+def open_config(model_dir: Path) -> tuple[dict, object, ArchSpec]:
+    """config.json of a model directory as (raw dict, config object, architecture entry), or the error that
+    names what is wrong: no directory, no or broken config.json, an unknown or dense architecture."""
+    if not model_dir.is_dir():
+        raise InputError(f"model directory {model_dir} does not exist: pass the directory holding config.json and the weights")
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise InputError(f"{model_dir} has no config.json: pass a Hugging Face model directory")
+    try:
+        raw_config = json.loads(config_path.read_text())
+    except ValueError as exc:
+        raise InputError(f"{config_path} is not valid JSON ({exc}): re-download it") from exc
+    spec = spec_for(raw_config)
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    if spec.text_config:  # a VLM: the layers are the text model's
+        config = getattr(config, spec.text_config)
+    if not spec.moe_layers(config):
+        raise UnsupportedArchitectureError(
+            f"this {spec.family} config has no MoE layer: it is a dense model, nothing to merge"
+        )
+    return raw_config, config, spec
 
 
 class Model:
@@ -36,23 +59,7 @@ class Model:
     @classmethod
     def open(cls, model_dir: Path, check_tensors: bool = True) -> "Model":
         model_dir = Path(model_dir)
-        if not model_dir.is_dir():
-            raise InputError(f"model directory {model_dir} does not exist: pass the directory holding config.json and the weights")
-        config_path = model_dir / "config.json"
-        if not config_path.is_file():
-            raise InputError(f"{model_dir} has no config.json: pass a Hugging Face model directory")
-        try:
-            raw_config = json.loads(config_path.read_text())
-        except ValueError as exc:
-            raise InputError(f"{config_path} is not valid JSON ({exc}): re-download it") from exc
-        spec = spec_for(raw_config)
-        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
-        if spec.text_config:  # a VLM: the layers are the text model's
-            config = getattr(config, spec.text_config)
-        if not spec.moe_layers(config):
-            raise UnsupportedArchitectureError(
-                f"this {spec.family} config has no MoE layer: it is a dense model, nothing to merge"
-            )
+        raw_config, config, spec = open_config(model_dir)
         model = cls(model_dir, raw_config, config, spec, CheckpointReader(model_dir))
         if check_tensors:
             model.check_tensors()

@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
-from .arch import GLOBAL_TENSORS, ArchSpec
+from .arch import ArchSpec
 from .calibration import DEFAULT_TEXT, HiddenStates, sample_windows
 from .checkpoint import INDEX_NAME, CheckpointReader, Deferred, read_shard, save_json, save_shard
 from .cluster import cluster_experts, prune_experts

@@ -46,7 +46,6 @@ its output shard and the next layer's hidden states.
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from collections import defaultdict
@@ -55,11 +54,10 @@ from pathlib import Path
 
 import psutil
 import torch
-from transformers import AutoConfig
 
-from .arch import GLOBAL_TENSORS, LAYER_PREFIX, ArchSpec, spec_for
-from .errors import InputError, InsufficientResourcesError, UnsupportedArchitectureError
-from .model import WEIGHT_SUFFIXES, Model
+from .arch import LAYER_PREFIX, ArchSpec
+from .errors import InputError, InsufficientResourcesError
+from .model import WEIGHT_SUFFIXES, Model, open_config
 from .pipeline import SAMPLED_TOKENS_PER_CHUNK, RunOptions, resolve_dtype, target_experts
 
 HOST_BASELINE_BYTES = 500_000_000
@@ -298,23 +296,6 @@ def _config_only(model_dir: Path) -> bool:
         p.name.endswith(WEIGHT_SUFFIXES) for p in model_dir.iterdir())
 
 
-def _open_config(model_dir: Path) -> tuple[dict, object, ArchSpec]:
-    """config.json of a directory without weights, refused for the same reasons Model.open refuses it."""
-    path = model_dir / "config.json"
-    try:
-        raw_config = json.loads(path.read_text())
-    except ValueError as exc:
-        raise InputError(f"{path} is not valid JSON ({exc}): re-download it") from exc
-    spec = spec_for(raw_config)
-    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
-    if spec.text_config:  # a VLM: the layers are the text model's
-        config = getattr(config, spec.text_config)
-    if not spec.moe_layers(config):
-        raise UnsupportedArchitectureError(
-            f"this {spec.family} config has no MoE layer: it is a dense model, nothing to merge")
-    return raw_config, config, spec
-
-
 def plan_model(model_dir: Path, options: RunOptions) -> Plan:
     """The plan for MODEL_DIR: from its safetensors headers, or from config.json alone when it has no weights."""
     model_dir = Path(model_dir)
@@ -322,7 +303,7 @@ def plan_model(model_dir: Path, options: RunOptions) -> Plan:
     if not _config_only(model_dir):
         model = Model.open(model_dir)
         return estimate(model.spec, model.config, model.tensor_table, options, device)  # FP8 read dequantized
-    raw_config, config, spec = _open_config(model_dir)
+    raw_config, config, spec = open_config(model_dir)
     dtype = config_dtype(raw_config)
     plan = estimate(spec, config, config_tensors(spec, config, dtype), options, device)
     return replace(plan, source=f"config.json alone (no weights: shapes from the config, {_dtype_name(dtype)} assumed)")
