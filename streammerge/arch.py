@@ -329,6 +329,14 @@ _W = ("w1", "w3", "w2")
 _SIGMOID_GROUPED = ("sigmoid (fp32) + e_score_correction_bias for the choice, group-limited top-k "
                     "(n_group groups scored by their top-2 sum, topk_group kept); weights without the bias, "
                     "renormalized iff norm_topk_prob, × routed_scaling_factor")
+# DeepSeek-V3's MoE as GLM-4.5 and dots1 reuse it: sigmoid scores with a correction bias, group-limited routing,
+# an MTP layer stored after the last layer.
+_DEEPSEEK_V3_STYLE = dict(
+    experts_key="n_routed_experts", top_k_key="num_experts_per_tok",
+    moe_prefix="mlp", router="gate.weight", projections=_SWIGLU, routing=_SIGMOID_GROUPED,
+    router_vectors=(("gate.e_score_correction_bias", 0),), expert_groups=_deepseek_v3_groups, softmax_router=False,
+    dropped=_layers_after_the_last, dropped_config=(("num_nextn_predict_layers", 0),),
+)
 
 
 def _transformers(name: str) -> str:
@@ -380,46 +388,30 @@ _SPECS = (
     ArchSpec(
         model_type="deepseek_v3", family="DeepSeek-V3 / R1", modeling_module=_transformers("deepseek_v3"),
         layer_class="DeepseekV3DecoderLayer", rotary_class="DeepseekV3RotaryEmbedding",
-        experts_key="n_routed_experts", top_k_key="num_experts_per_tok",
-        moe_prefix="mlp", router="gate.weight", projections=_SWIGLU,
-        routing=_SIGMOID_GROUPED,
+        **_DEEPSEEK_V3_STYLE,
         shared_expert="shared_experts (ungated); the first first_k_dense_replace layers are dense",
-        is_moe_layer=_after_dense, router_vectors=(("gate.e_score_correction_bias", 0),),
-        expert_groups=_deepseek_v3_groups, softmax_router=False,
-        dropped=_layers_after_the_last, dropped_config=(("num_nextn_predict_layers", 0),),
+        is_moe_layer=_after_dense,
     ),
     ArchSpec(
         model_type="glm4_moe", family="GLM-4.5 (GLM-4-MoE)", modeling_module=_transformers("glm4_moe"),
         layer_class="Glm4MoeDecoderLayer", rotary_class="Glm4MoeRotaryEmbedding",
-        experts_key="n_routed_experts", top_k_key="num_experts_per_tok",
-        moe_prefix="mlp", router="gate.weight", projections=_SWIGLU,
-        routing=_SIGMOID_GROUPED,
+        **_DEEPSEEK_V3_STYLE,
         shared_expert="shared_experts (ungated); the first first_k_dense_replace layers are dense",
-        is_moe_layer=_after_dense, router_vectors=(("gate.e_score_correction_bias", 0),),
-        expert_groups=_deepseek_v3_groups, softmax_router=False,
-        dropped=_layers_after_the_last, dropped_config=(("num_nextn_predict_layers", 0),),
+        is_moe_layer=_after_dense,
     ),
     ArchSpec(
         model_type="glm4_moe_lite", family="GLM-4-MoE-Lite", modeling_module=_transformers("glm4_moe_lite"),
         layer_class="Glm4MoeLiteDecoderLayer", rotary_class="Glm4MoeLiteRotaryEmbedding",
-        experts_key="n_routed_experts", top_k_key="num_experts_per_tok",
-        moe_prefix="mlp", router="gate.weight", projections=_SWIGLU,
-        routing=_SIGMOID_GROUPED,
+        **_DEEPSEEK_V3_STYLE,
         shared_expert="shared_experts (ungated); layers marked dense in mlp_layer_types",
-        is_moe_layer=_sparse_layer_types, router_vectors=(("gate.e_score_correction_bias", 0),),
-        expert_groups=_deepseek_v3_groups, softmax_router=False,
-        dropped=_layers_after_the_last, dropped_config=(("num_nextn_predict_layers", 0),),
+        is_moe_layer=_sparse_layer_types,
     ),
     ArchSpec(
         model_type="dots1", family="dots.llm1", modeling_module=_transformers("dots1"),
         layer_class="Dots1DecoderLayer", rotary_class="Dots1RotaryEmbedding",
-        experts_key="n_routed_experts", top_k_key="num_experts_per_tok",
-        moe_prefix="mlp", router="gate.weight", projections=_SWIGLU,
-        routing=_SIGMOID_GROUPED,
+        **_DEEPSEEK_V3_STYLE,
         shared_expert="shared_experts (ungated); the first first_k_dense_replace layers are dense",
-        is_moe_layer=_after_dense, router_vectors=(("gate.e_score_correction_bias", 0),),
-        expert_groups=_deepseek_v3_groups, softmax_router=False,
-        dropped=_layers_after_the_last, dropped_config=(("num_nextn_predict_layers", 0),),
+        is_moe_layer=_after_dense,
     ),
     ArchSpec(
         model_type="qwen3_next", family="Qwen3-Next", modeling_module=_transformers("qwen3_next"),

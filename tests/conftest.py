@@ -31,6 +31,24 @@ def tiny_models(tmp_path_factory):
         assert tree_hash(path) == digest, f"a test modified the input model {family}"
 
 
+@pytest.fixture(scope="session")
+def compressed_once(tiny_models, tmp_path_factory):
+    """(family, options) -> the `run` output of that family's tiny model, made once per session."""
+    from streammerge.pipeline import RunOptions, run
+
+    outputs: dict[tuple, Path] = {}
+
+    def get(family: str, **options) -> Path:
+        key = (family, tuple(sorted(options.items())))
+        if key not in outputs:
+            out = tmp_path_factory.mktemp(f"{family}-out") / "out"
+            run(tiny_models(family), out, RunOptions(**options))
+            outputs[key] = out
+        return outputs[key]
+
+    return get
+
+
 @pytest.fixture(params=sorted(FAMILIES))
 def family(request):
     return request.param

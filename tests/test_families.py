@@ -26,17 +26,8 @@ def more_family(request):
 
 
 @pytest.fixture(scope="session")
-def halved(tiny_models, tmp_path_factory):
-    outputs = {}
-
-    def get(family):
-        if family not in outputs:
-            out = tmp_path_factory.mktemp(f"{family}-half") / "out"
-            run(tiny_models(family), out, RunOptions(**OPTIONS))
-            outputs[family] = out
-        return outputs[family]
-
-    return get
+def halved(compressed_once):
+    return lambda family: compressed_once(family, **OPTIONS)
 
 
 def test_every_table_entry_is_tested():

@@ -17,17 +17,8 @@ OPTIONS = dict(samples=6, seqlen=32, batch=4, ratio=0.5, device="cpu", method="h
 
 
 @pytest.fixture(scope="session")
-def compressed(tiny_models, tmp_path_factory):
-    outputs = {}
-
-    def get(family):
-        if family not in outputs:
-            out = tmp_path_factory.mktemp(f"{family}-out") / "out"
-            run(tiny_models(family), out, RunOptions(**OPTIONS))
-            outputs[family] = out
-        return outputs[family]
-
-    return get
+def compressed(compressed_once):
+    return lambda family: compressed_once(family, **OPTIONS)
 
 
 def _tensors(directory):
