@@ -52,3 +52,18 @@ def test_token_distance_feature_and_merged_propagation(tiny_models, tmp_path):
     layers = json.loads((out / "streammerge.json").read_text())["layers"]
     assert all(len(layer["groups"]) == 48 for layer in layers)
     assert sorted(e for g in layers[0]["groups"] for e in g) == list(range(64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merging_in_blocks_equals_one_float32_pass_and_leaves_members_alone(dtype):
+    from streammerge.merge import MERGE_BLOCK, merge_tensors
+
+    members = [torch.randn(3, MERGE_BLOCK + 5).to(dtype) for _ in range(3)]  # blocks cross rows; a ragged end
+    before = [m.clone() for m in members]
+    weights = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)
+    expected = torch.zeros(members[0].shape)
+    for member, weight in zip(members, weights.tolist()):
+        expected.add_(member, alpha=weight)
+    expected = expected.to(dtype)
+    assert torch.equal(merge_tensors(members, weights), expected)
+    assert all(torch.equal(m, b) for m, b in zip(members, before))  # the members are read-only memory maps
