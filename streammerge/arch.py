@@ -226,12 +226,14 @@ class ArchSpec:
                     for (name, _), full in zip(self.fused, self.fused_names(layer))}
         return {self.expert_name(layer, k, p): parts[p] for k, parts in enumerate(experts) for p in self.projections}
 
-    def experts_state(self, parts: dict) -> dict[str, torch.Tensor]:
-        """A one-expert state dict of transformers' experts module (v5 fused names) from one expert's parts."""
+    def expert_pieces(self, parts: dict) -> list[tuple[str, slice, torch.Tensor]]:
+        """Where one expert's parts go in the one-expert state of transformers' experts module (v5 fused
+        names): (state name, its rows, tensor). Gate and up share `gate_up_proj`, gate first."""
         if self.fused:
-            return {memory: parts[disk][None] for disk, memory in self.fused}
+            return [(memory, slice(None), parts[disk]) for disk, memory in self.fused]
         gate, up, down = (parts[p] for p in self.projections)
-        return {"gate_up_proj": torch.cat([gate, up])[None], "down_proj": down[None]}
+        return [("gate_up_proj", slice(0, gate.shape[0]), gate), ("gate_up_proj", slice(gate.shape[0], None), up),
+                ("down_proj", slice(None), down)]
 
     # --- tensor tables (name -> (dtype, shape)), for plans made without reading weights --------------------
     def on_disk_table(self, layer: int, memory: dict) -> dict:

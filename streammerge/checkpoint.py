@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import json
+import mmap
 import os
 import struct
 import weakref
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -33,8 +36,7 @@ class CheckpointReader:
     """Knows every tensor's shard, dtype and shape from the headers; reads tensors only on request.
 
     Reads are zero-copy views of a memory map, so a layer's tensors cost page cache, not a copy,
-    until something converts them. `live_bytes` counts what callers still hold, which lets tests
-    assert that no more than one layer is resident.
+    until something converts them; `release_pages` then takes their pages back out of the process.
     """
 
     def __init__(self, model_dir: Path):
@@ -42,8 +44,6 @@ class CheckpointReader:
         self.weight_map = self._weight_map()
         self.info: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
         self.ranges: dict[str, tuple[str, int, int]] = {}
-        self.live_bytes = 0
-        self.peak_live_bytes = 0
         self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
         for shard, names in self._by_shard(self.weight_map).items():
             self._read_header(shard, names)
@@ -140,21 +140,39 @@ class CheckpointReader:
             with self._open(shard) as f:
                 for name in group:
                     try:
-                        out[name] = self._track(f.get_tensor(name))
+                        out[name] = _mapped(f.get_tensor(name))
                     except (SafetensorError, OSError, RuntimeError) as exc:
                         raise CheckpointError(f"shard {shard} is truncated or corrupt ({exc}): re-download it") from exc
         return {name: out[name] for name in names}
 
 
-    def _track(self, tensor: torch.Tensor) -> torch.Tensor:
-        size = tensor.numel() * tensor.element_size()
-        self.live_bytes += size
-        self.peak_live_bytes = max(self.peak_live_bytes, self.live_bytes)
-        weakref.finalize(tensor, self._release, size)
-        return tensor
+_MAPPED: set[int] = set()  # storage addresses of tensors that are views of a shard's memory map
+_PAGE = mmap.PAGESIZE
+_madvise = getattr(ctypes.CDLL(None, use_errno=True), "madvise", None) if hasattr(mmap, "MADV_DONTNEED") else None
 
-    def _release(self, size: int) -> None:
-        self.live_bytes -= size
+
+def _mapped(tensor: torch.Tensor) -> torch.Tensor:
+    """Register a tensor read from a shard's memory map, so `release_pages` may drop its pages."""
+    address = tensor.untyped_storage().data_ptr()
+    _MAPPED.add(address)
+    weakref.finalize(tensor, _MAPPED.discard, address)  # before its storage can be freed and the address reused
+    return tensor
+
+
+def release_pages(tensor: torch.Tensor) -> None:
+    """Take a mapped tensor's pages out of this process's resident memory once it has been used (converted,
+    copied to the device, merged or written), so a layer read through the map costs about one expert of
+    RSS, not the layer. The file's pages stay in the kernel's cache and fault back in if touched again.
+
+    Only tensors registered by `_mapped` qualify: the maps are private and never written, so dropping a
+    page loses nothing; on anonymous memory it would zero data, so any other tensor is left alone.
+    """
+    if _madvise is None or not tensor.is_contiguous() or tensor.untyped_storage().data_ptr() not in _MAPPED:
+        return
+    start = -(-tensor.data_ptr() // _PAGE) * _PAGE  # whole pages inside the tensor: neighbours keep theirs
+    end = (tensor.data_ptr() + tensor.numel() * tensor.element_size()) // _PAGE * _PAGE
+    if end > start:
+        _madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
 
 
 def _numel(shape) -> int:
@@ -172,23 +190,46 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, write) -> None:
-    """Write through `write(tmp_path)`, fsync, then rename: a reader sees the old file or the whole new one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+def staged_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp")
+
+
+@contextmanager
+def _cleaned_up(path: Path):
+    """On any failure the staged file goes, and a full disk is reported with its fix."""
     try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        yield
     except BaseException as exc:
-        tmp.unlink(missing_ok=True)
+        staged_path(path).unlink(missing_ok=True)
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise InsufficientResourcesError(
                 f"disk full while writing {path}: free space on {path.parent} and re-run the same command to resume"
             ) from exc
         raise
+
+
+def stage(path: Path, write) -> None:
+    """Write `path`'s content through `write(tmp_path)` beside it, not yet under its name."""
+    path = Path(path)
+    with _cleaned_up(path):
+        write(staged_path(path))
+
+
+def publish(path: Path) -> None:
+    """fsync the staged file, then rename it to `path`: a reader sees no file or the whole one, even after
+    a power loss. This is the slow part of a write (the disk's), so it may run beside other work."""
+    path = Path(path)
+    with _cleaned_up(path):
+        tmp = staged_path(path)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+
+
+def atomic_write(path: Path, write) -> None:
+    stage(path, write)
+    publish(path)
 
 
 @dataclass(frozen=True)
@@ -205,7 +246,15 @@ def materialize(tensor) -> torch.Tensor:
 
 
 def save_shard(path: Path, tensors: dict[str, "torch.Tensor | Deferred"]) -> str:
-    """Write a safetensors file tensor by tensor, byte-identical to `safetensors.torch.save_file`.
+    """`stage_shard` and `publish`: the file is complete and durable under its name on return."""
+    digest = stage_shard(path, tensors)
+    publish(path)
+    return digest
+
+
+def stage_shard(path: Path, tensors: dict[str, "torch.Tensor | Deferred"]) -> str:
+    """Write a safetensors file tensor by tensor, byte-identical to `safetensors.torch.save_file`, staged
+    beside `path` until `publish`; returns its sha256.
 
     safetensors has no streaming writer; this one writes the same layout (tensors ordered by dtype
     size then name, compact JSON header padded to 8 bytes) while computing `Deferred` tensors one at a
@@ -232,15 +281,16 @@ def save_shard(path: Path, tensors: dict[str, "torch.Tensor | Deferred"]) -> str
                 block = data.reshape(-1).view(torch.uint8).numpy().data if data.numel() else b""
                 f.write(block)
                 digest.update(block)
+                release_pages(data)
 
-    atomic_write(path, write)
+    stage(path, write)
     return digest.hexdigest()
 
 
 def read_shard(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of one safetensors file, as views of its memory map."""
     with safe_open(path, framework="pt") as f:
-        return {name: f.get_tensor(name) for name in f.keys()}
+        return {name: _mapped(f.get_tensor(name)) for name in f.keys()}
 
 
 def save_json(path: Path, obj) -> None:

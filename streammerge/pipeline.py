@@ -20,7 +20,8 @@ from tqdm import tqdm
 from . import __version__
 from .arch import ArchSpec
 from .calibration import DEFAULT_TEXT, HiddenStates, sample_windows
-from .checkpoint import INDEX_NAME, CheckpointReader, Deferred, read_shard, save_json, save_shard
+from .checkpoint import (INDEX_NAME, CheckpointReader, Deferred, materialize, publish, read_shard, release_pages,
+                         save_json, save_shard, stage_shard, staged_path)
 from .cluster import cluster_experts, prune_experts
 from .errors import CheckpointError, InputError, Interrupted
 from .journal import PROVENANCE, Journal
@@ -96,6 +97,20 @@ def shard_name(index: int, total: int) -> str:
     return f"model-{index + 1:05d}-of-{total:05d}.safetensors"
 
 
+def scored_rows(x: torch.Tensor) -> slice:
+    """About SCORED_TOKENS evenly spaced rows of a chunk's [N, H] MoE inputs: scoring stays cheap."""
+    return slice(None, None, max(1, x.shape[0] // SCORED_TOKENS))
+
+
+@dataclass
+class Held:
+    """The scored tokens of a layer: MoE block inputs x, outputs y and every expert's outputs (on the host)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    outputs: list[torch.Tensor]
+
+
 class Run:
     """State shared by the steps of one `streammerge run`."""
 
@@ -122,6 +137,7 @@ class Run:
         self.journal = Journal(self.out_dir)
         self.runner = LayerRunner(self.spec, self.config, self.device, self.dtype)
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer")
+        self.saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="saver")
         self.hidden_writes: list[Future] = []
 
     def signature_fields(self) -> dict:
@@ -164,7 +180,9 @@ class Run:
             write.result()
         self.hidden_writes.clear()
 
-    def process(self, layer: int) -> dict:
+    def process(self, layer: int) -> Future:
+        """Measure and choose layer `layer`'s output; returns the future of its saving (staging, fsync, then
+        the journal record), which runs beside the next layer's compute."""
         if layer + 1 < self.num_layers:
             self.model.reader.prefetch(self.model.layer_names(layer + 1))
         tensors = self.model.read(self.model.layer_names(layer))  # block-FP8 weights dequantized
@@ -177,15 +195,10 @@ class Run:
             del module
             plans = self.candidates(stats)
             outputs = {method: self.layer_tensors(layer, tensors, groups, stats) for method, groups in plans.items()}
-            # One candidate is scored after writing, from the file: merging twice would cost more than a read.
-            errors = {m: self.block_error(layer, out, held) for m, out in outputs.items()} if len(plans) > 1 else {}
-            method = min(errors, key=errors.get) if errors else next(iter(plans))
-            record.update(self.write(path, outputs[method]))
-            del tensors, outputs  # release the input layer's mapped pages before the output's are read
-            written = read_shard(path)
-            errors = errors or {method: self.block_error(layer, written, held)}
-            if self.options.propagate == "merged":
-                self.propagate(layer, self.runner.build(layer, written, reduced_config(self.spec, self.config, self.k)))
+            errors = {m: self.block_error(layer, outputs[m], plans[m], held) for m in plans}
+            method = min(errors, key=errors.get)
+            tensors = outputs[method]
+            del outputs
             record.update({
                 "method": method,
                 "groups": plans[method],
@@ -194,17 +207,30 @@ class Run:
                 "frequencies": [round(f, 6) for f in stats.frequencies.tolist()],
                 "tokens": stats.tokens,
             })
+            if self.options.propagate == "merged":  # the next layer's inputs come from the written layer
+                record.update(self.stage(path, tensors))
+                tensors = None
+                written = read_shard(staged_path(path))
+                self.propagate(layer, self.runner.build(layer, written, reduced_config(self.spec, self.config, self.k)))
         else:
             self.propagate(layer, module)
-            record.update(self.write(path, tensors))
-        self.flush_hidden()
-        return record
+        self.flush_hidden()  # the record may only be committed once the next layer's inputs are durable
+        return self.saver.submit(self.save, path, tensors, record)
 
     @staticmethod
-    def write(path: Path, tensors: dict) -> dict:
-        digest = save_shard(path, tensors)
-        return {"sha256": digest, "bytes": path.stat().st_size, "tensors": sorted(tensors),
+    def stage(path: Path, tensors: dict) -> dict:
+        digest = stage_shard(path, tensors)
+        return {"sha256": digest, "bytes": staged_path(path).stat().st_size, "tensors": sorted(tensors),
                 "tensor_bytes": sum(t.dtype.itemsize * math.prod(t.shape) for t in tensors.values())}
+
+    def save(self, path: Path, tensors: dict | None, record: dict) -> dict:
+        """Stage (unless staged), publish and journal a layer's shard; the layer's input hidden states go."""
+        if tensors is not None:
+            record.update(self.stage(path, tensors))
+        publish(path)
+        self.journal.commit(record)
+        self.hidden(record["layer"]).remove()
+        return record
 
     def propagate(self, layer: int, module) -> None:
         source, target = self.hidden(layer), self.hidden(layer + 1)
@@ -222,11 +248,13 @@ class Run:
         stats = ExpertStatistics(self.num_experts, self.config.hidden_size)
         scored = len(self.chunks) - 1
         held_aside = self.options.method == "auto" and len(self.chunks) > 1
-        current, block, sampled = {}, {}, []
+        current, block, sampled, outputs = {}, {}, [], []
 
         def observe(expert, x, y, top_k_index, top_k_weights):
-            if held_aside and current["chunk"] == scored:
-                return
+            if current["chunk"] == scored:
+                outputs.append(y[scored_rows(x)].to("cpu", copy=True))
+                if held_aside:
+                    return
             rows = slice(None, None, max(1, x.shape[0] // SAMPLED_TOKENS_PER_CHUNK))
             if expert == 0:
                 stats.add_routing(top_k_index)
@@ -251,9 +279,8 @@ class Run:
             for hook in hooks:
                 hook.remove()
         hidden = self.config.hidden_size
-        rows = slice(None, None, max(1, block["x"].numel() // hidden // SCORED_TOKENS))  # scoring stays cheap
-        held = (block["x"].reshape(-1, hidden)[rows].clone(), block["y"].reshape(-1, hidden)[rows].clone())
-        return stats, held
+        x, y = (block[k].reshape(-1, hidden) for k in "xy")
+        return stats, Held(x[scored_rows(x)].clone(), y[scored_rows(y)].clone(), outputs)
 
     def candidates(self, stats: ExpertStatistics) -> dict[str, list[list[int]]]:
         opts = self.options
@@ -280,29 +307,32 @@ class Run:
         spec, opts = self.spec, self.options
         routed = spec.routed_names(layer, self.num_experts)
         out = {name: t for name, t in tensors.items() if name not in routed}
-        router = tensors[spec.router_name(layer)]
+        router = materialize(tensors[spec.router_name(layer)])
         out[spec.router_name(layer)] = router_rows(router, groups, stats.frequencies, opts.router,
                                                    stats.router_inputs if opts.router in ("lsefit", "kl") else None)
         for name, dim in spec.router_vector_names(layer):  # e_score_correction_bias, router.bias, ...
-            out[name] = router_vector(tensors[name], groups, stats.frequencies, opts.router, dim)
+            out[name] = router_vector(materialize(tensors[name]), groups, stats.frequencies, opts.router, dim)
         merged = []
         for members in groups:
             weights = member_weights(members, stats.frequencies, opts.merge)
             parts = [spec.expert_parts(tensors, layer, e) for e in members]
             merged.append({p: parts[0][p] if len(parts) == 1 else Deferred(
-                tuple(parts[0][p].shape), parts[0][p].dtype, partial(merge_tensors, [x[p] for x in parts], weights))
+                tuple(parts[0][p].shape), parts[0][p].dtype, partial(_merge_mapped, [x[p] for x in parts], weights))
                 for p in parts[0]})
         out.update(spec.expert_tensors(layer, merged))
         return out
 
     @torch.no_grad()
-    def block_error(self, layer: int, out: dict, held) -> float:
-        """Relative error ||y' - y|| / ||y|| of the compressed MoE block's output on the scored tokens."""
-        x, expected = held
+    def block_error(self, layer: int, out: dict, groups: list[list[int]], held: Held) -> float:
+        """Relative error ||y' - y|| / ||y|| of the compressed MoE block's output on the scored tokens.
+        A kept original expert's outputs there are known from the statistics pass, so only merged
+        experts run."""
         module = self.runner.build(layer, out, reduced_config(self.spec, self.config, self.k))
-        got = self.spec.moe_block(module)(x.unsqueeze(0))
-        got = (got[0] if isinstance(got, tuple) else got).reshape(expected.shape)
-        return ((got - expected).double().norm() / expected.double().norm()).item()
+        block = self.spec.moe_block(module)
+        block.experts.known = {k: held.outputs[g[0]].to(self.device) for k, g in enumerate(groups) if len(g) == 1}
+        got = block(held.x.to(self.device).unsqueeze(0))
+        got = (got[0] if isinstance(got, tuple) else got).reshape(held.y.shape).to("cpu")
+        return ((got - held.y).double().norm() / held.y.double().norm()).item()
 
     def finalize(self, records: list[dict]) -> None:
         """Write the non-layer shard, copies, provenance and card, then the index and config last."""
@@ -361,10 +391,18 @@ class Run:
             "parameters": (before.num_parameters(), after.num_parameters()),
             "bytes": (before.nbytes(before.names()), after.nbytes(after.names())),
             "seconds": round(time.monotonic() - started, 1),
-            "peak_weight_bytes": before.peak_live_bytes,
             "block_errors": {r["layer"]: r["error"] for r in provenance["layers"] if "error" in r},
             "perplexity": provenance.get("perplexity"),
         }
+
+
+def _merge_mapped(tensors: list, weights: torch.Tensor) -> torch.Tensor:
+    """Merge members that are memory-mapped or `Deferred` (FP8), releasing what each cost once used."""
+    tensors = [materialize(t) for t in tensors]
+    merged = merge_tensors(tensors, weights)
+    for tensor in tensors:
+        release_pages(tensor)
+    return merged
 
 
 def run(model_dir: Path, out_dir: Path, options: RunOptions) -> dict:
@@ -404,6 +442,14 @@ def record_perplexity(model_dir: Path, out_dir: Path, options: RunOptions) -> No
     save_json(out_dir / PROVENANCE, provenance)
 
 
+def _saved(state: Run, saving: Future) -> dict:
+    record = saving.result()
+    if "groups" in record:
+        log.info("layer %d: %s, %d -> %d experts, block error %.4f, groups %s", record["layer"], record["method"],
+                 state.num_experts, state.k, record["error"], record["groups"])
+    return record
+
+
 def _loop(state: Run) -> None:
     records = state.journal.finished(state.num_layers)
     first = len(records)
@@ -414,20 +460,21 @@ def _loop(state: Run) -> None:
             raise CheckpointError(f"the work directory lost the hidden states of layer {first}: re-run with --restart")
         state.embed()
     layer = first
+    saved: Future | None = None
     try:
         for layer in tqdm(range(first, state.num_layers), desc="layers", initial=first,
                           total=state.num_layers, disable=None):
-            record = state.process(layer)
-            state.journal.commit(record)
-            state.hidden(layer).remove()
-            records.append(record)
-            if "groups" in record:
-                log.info("layer %d: %s, %d -> %d experts, block error %.4f, groups %s", layer, record["method"],
-                         state.num_experts, state.k, record["error"], record["groups"])
+            saving = state.process(layer)
+            if saved is not None:  # the previous layer was saved while this one computed
+                records.append(_saved(state, saved))
+            saved = saving
+        if saved is not None:
+            records.append(_saved(state, saved))
     except KeyboardInterrupt:
         raise Interrupted(
             f"interrupted during layer {layer}; finished layers are saved: re-run the same command to resume"
         ) from None
-    finally:
-        state.writer.shutdown(wait=True)  # no write may still be under way when the error is reported
+    finally:  # no write may still be under way when the error is reported
+        state.writer.shutdown(wait=True)
+        state.saver.shutdown(wait=True)
     state.finalize(records)

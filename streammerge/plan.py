@@ -26,11 +26,14 @@ time (runner.ExpertStream), so only the "routing" term grows with E, by O(E·(H 
   CUDA context        CUDA_CONTEXT_BYTES (driver, kernels, allocator slack), on CUDA only
 Host peak (RSS):
   baseline            HOST_BASELINE_BYTES: interpreter, torch and transformers imported
-  layer               the largest layer's tensors as read: memory-mapped pages, which count in RSS once touched
-                      and stay mapped until the layer's shard is written
-  merging             one merged expert at a time (merged experts are computed when written or run): its
-                      float32 accumulator and its result in the weights' dtype
+  reading             one expert's memory-mapped pages in the weights' dtype w, while it is copied to the device;
+                      a layer's pages leave RSS as soon as they are used (checkpoint.release_pages). On CPU they
+                      are gone before that expert runs, so they count in the working set's maximum instead
+  saving              the previous layer's shard is written meanwhile, one tensor at a time: a merged expert
+                      projection, or for fused layouts the K kept experts stacked, in w (one expert: I·3H·w)
   hidden states       one chunk read from disk and one chunk written, 2·N·H·c
+  scored outputs      every expert's output on the SCORED_TOKENS scored tokens, E·min(N, SCORED_TOKENS)·H·c, from
+                      which pruned candidates are scored without running experts again
   statistics          E×H float64 output sums, the E×E token distances, and the S sampled MoE inputs of every
                       chunk in float32 (for router fitting)
   on CPU also every device term but the CUDA context: there the device is the host.
@@ -58,7 +61,7 @@ import torch
 from .arch import LAYER_PREFIX, ArchSpec
 from .errors import InputError, InsufficientResourcesError
 from .model import WEIGHT_SUFFIXES, Model, open_config
-from .pipeline import SAMPLED_TOKENS_PER_CHUNK, RunOptions, resolve_dtype, target_experts
+from .pipeline import SAMPLED_TOKENS_PER_CHUNK, SCORED_TOKENS, RunOptions, resolve_dtype, target_experts
 
 HOST_BASELINE_BYTES = 500_000_000
 CUDA_CONTEXT_BYTES = 500_000_000
@@ -181,7 +184,7 @@ def estimate(spec: ArchSpec, config, tensors: TensorTable, options: RunOptions, 
     output_names = _by_layer(output, stem)
     top_k_after = min(spec.top_k(config), k)
     scores_flops = 4 * tokens * options.seqlen * heads * head_dim
-    non_expert = one_expert = intermediate = router = layer_bytes = 0
+    non_expert = one_expert = intermediate = router = 0
     largest = total = Work(0, 0, 0)
     for layer, names in _by_layer(tensors, stem).items():
         routed = set()
@@ -192,7 +195,6 @@ def estimate(spec: ArchSpec, config, tensors: TensorTable, options: RunOptions, 
             intermediate = max(intermediate, expert_intermediate)
             router = max(router, _numel(tensors, [spec.router_name(layer)]))
         non_expert = max(non_expert, _numel(tensors, [n for n in names if n not in routed]))
-        layer_bytes = max(layer_bytes, sum(_bytes(tensors[n]) for n in names))
         matrices = _numel(tensors, [n for n in names if len(tensors[n][1]) == 2])
         flops = 2 * tokens * matrices + scores_flops
         if layer in moe_layers and options.propagate == "merged":
@@ -221,15 +223,18 @@ def estimate(spec: ArchSpec, config, tensors: TensorTable, options: RunOptions, 
     chunks = math.ceil(options.samples / options.batch)
     host_memory = {
         "baseline": HOST_BASELINE_BYTES,
-        "layer": layer_bytes,
-        "merging": one_expert * (FLOAT32_BYTES + weights_dtype.itemsize),
+        "saving": one_expert * weights_dtype.itemsize * (k if spec.fused else 1),
         "hidden states": 2 * chunk * hidden * c,
+        "scored outputs": experts * min(chunk, SCORED_TOKENS) * hidden * c,
         "statistics": (experts * hidden + experts * experts) * FLOAT64_BYTES
         + chunks * SAMPLED_TOKENS_PER_CHUNK * hidden * FLOAT32_BYTES,
     }
+    reading = one_expert * weights_dtype.itemsize
     if device == "cpu":
+        device_memory["working set"] = max(device_memory["working set"], reading)
         host_memory.update({f"device: {name}": n for name, n in device_memory.items()})
     else:
+        host_memory["reading"] = reading
         device_memory["CUDA context"] = CUDA_CONTEXT_BYTES
     output_bytes = sum(_bytes(entry) for entry in output.values())
     disk = {"output": output_bytes, "hidden states": 2 * hidden_set,

@@ -9,7 +9,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from .arch import ArchSpec
-from .checkpoint import materialize
+from .checkpoint import materialize, release_pages
 from .errors import CheckpointError
 
 
@@ -32,6 +32,7 @@ def split_layer(spec: ArchSpec, config, layer: int, tensors: dict[str, torch.Ten
                 f"{spec.experts_key}={count} requires: the checkpoint is incomplete"
             )
         for name in spec.fused_names(layer) if spec.fused else ():
+            tensors[name] = materialize(tensors[name])  # sliced per expert below
             if tensors[name].dim() == 0 or tensors[name].shape[0] != count:
                 raise CheckpointError(
                     f"{name} holds {tensors[name].shape[0] if tensors[name].dim() else 0} experts, the config's "
@@ -97,7 +98,7 @@ def load_layer(spec: ArchSpec, config, layer: int, tensors: dict[str, torch.Tens
             block.register_forward_pre_hook(lambda _, args: stream.__dict__.update(block_input=args[0]))
             block.router.register_forward_hook(lambda _, args, out: stream.__dict__.update(scores=out[0]))
     if device is not None:
-        state = {k: to_device(t, device, dtype) for k, t in state.items()}
+        state = {k: to_device(materialize(t), device, dtype) for k, t in state.items()}
     try:
         module.load_state_dict(state, strict=True, assign=True)
         if device is None and experts:
@@ -115,10 +116,15 @@ def load_layer(spec: ArchSpec, config, layer: int, tensors: dict[str, torch.Tens
 
 def to_device(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """Host to device. For CUDA the bytes go through pinned memory with a non-blocking copy, so the transfer
-    runs at full PCIe speed and queues behind the compute already on the stream instead of stalling the host."""
+    runs at full PCIe speed and queues behind the compute already on the stream instead of stalling the host.
+    A mapped source that was copied leaves resident memory."""
     if device.type == "cuda":
-        return tensor.pin_memory().to(device=device, non_blocking=True).to(dtype)
-    return tensor.to(device=device, dtype=dtype)
+        out = tensor.pin_memory().to(device=device, non_blocking=True).to(dtype)
+    else:
+        out = tensor.to(device=device, dtype=dtype)
+    if out.data_ptr() != tensor.data_ptr():
+        release_pages(tensor)
+    return out
 
 
 class ExpertStream(nn.Module):
@@ -129,6 +135,12 @@ class ExpertStream(nn.Module):
     expert's output on all tokens is what the statistics need anyway, so `observer(expert, x, y,
     top_k_index, top_k_weights)` sees each one and nothing is computed twice. The routing it gets is
     the one the family's own router computed.
+
+    The one expert's weights live in buffers of the compute dtype allocated once, which each expert's
+    parts are copied (and converted) into: no per-expert allocation, and the parts' mapped pages are
+    released right after. `known` maps experts to their outputs already computed on this module's
+    input rows, which are then used instead of running the expert (scoring a pruned layer costs no
+    expert computation).
     """
 
     def __init__(self, experts_class, spec: ArchSpec, config, experts: list[dict], device, dtype):
@@ -142,27 +154,51 @@ class ExpertStream(nn.Module):
         self.experts = experts
         self.device = device
         self.dtype = dtype
+        self.state: dict[str, torch.Tensor] | None = None
         self.observer = None
+        self.known: dict[int, torch.Tensor] = {}
+
+    def _fill(self, state: dict[str, torch.Tensor], expert: int, copy) -> None:
+        covered = set()
+        for name, rows, tensor in self.spec.expert_pieces(self.experts[expert]):
+            target = state[name][0][rows] if name in state else None
+            if target is None or target.shape != tensor.shape:  # load_layer reports it with the layer
+                raise RuntimeError(f"expert {expert}'s {name} has shape {tuple(tensor.shape)}, the config implies "
+                                   f"{None if target is None else tuple(target.shape)}")
+            copy(target, tensor)
+            covered.add(name)
+        if covered != set(state):
+            raise RuntimeError(f"expert {expert} lacks {sorted(set(state) - covered)}")
 
     def check(self, layer: int) -> None:
-        for parts in self.experts:
-            self.one.load_state_dict(self.spec.experts_state(parts), strict=True, assign=True)
+        """Every expert's parts against the config's shapes, without reading a byte."""
+        state = {name: torch.empty_like(t, device="meta") for name, t in self.one.state_dict().items()}
+        for expert in range(len(self.experts)):
+            self._fill(state, expert, lambda target, tensor: None)
 
-    def output(self, expert: int, x: torch.Tensor) -> torch.Tensor:
-        """Expert `expert` applied to every row of `x` [N, H]."""
-        parts = {name: materialize(t) for name, t in self.experts[expert].items()}  # merged experts are Deferred
-        state = {k: to_device(t, self.device, self.dtype) for k, t in self.spec.experts_state(parts).items()}
-        del parts
-        self.one.load_state_dict(state, strict=True, assign=True)
-        del state
+    def _load(self, expert: int) -> None:
+        if self.state is None:
+            self.state = {name: torch.empty(t.shape, device=self.device, dtype=self.dtype)
+                          for name, t in self.one.state_dict().items()}
+            self.one.load_state_dict(self.state, strict=True, assign=True)
+
+        def copy(target, tensor):
+            tensor = materialize(tensor)  # merged experts are Deferred
+            target.copy_(tensor.pin_memory() if target.is_cuda and not tensor.is_cuda else tensor, non_blocking=True)
+            release_pages(tensor)
+
+        self._fill(self.state, expert, copy)
+
+    def output(self, expert: int, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Expert `expert` applied to every row of `x` [N, H] (which are the input's `rows`, if given)."""
+        if expert in self.known and rows is not None:
+            return self.known[expert][rows]
+        self._load(expert)
         if self.spec.scaled_input_experts:  # llama4's experts take no routing arguments
-            y = self.one(x)
-        else:
-            index = torch.zeros((x.shape[0], 1), device=x.device, dtype=torch.long)
-            weight = torch.ones((x.shape[0], 1), device=x.device, dtype=x.dtype)
-            y = self.one(x, index, weight)
-        self.one.to("meta")  # free this expert's weights before the next one is loaded
-        return y
+            return self.one(x)
+        index = torch.zeros((x.shape[0], 1), device=x.device, dtype=torch.long)
+        weight = torch.ones((x.shape[0], 1), device=x.device, dtype=x.dtype)
+        return self.one(x, index, weight)
 
     def forward_scaled(self, routed_in: torch.Tensor) -> torch.Tensor:
         """llama4: `routed_in` [E·N, H] holds every token once per expert, scaled by that expert's score (0 when
@@ -197,7 +233,7 @@ class ExpertStream(nn.Module):
                 rows = chosen.any(-1).nonzero().squeeze(-1)
                 if rows.numel():
                     gate = (top_k_weights[rows] * chosen[rows]).sum(-1, keepdim=True)
-                    combined.index_add_(0, rows, (self.output(expert, x[rows]) * gate).to(combined.dtype))
+                    combined.index_add_(0, rows, (self.output(expert, x[rows], rows) * gate).to(combined.dtype))
                 continue
             y = self.output(expert, x)
             self.observer(expert, x, y, top_k_index, top_k_weights)

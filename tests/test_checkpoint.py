@@ -1,9 +1,10 @@
-"""Checkpoint IO: the streaming shard writer and atomic writes."""
+"""Checkpoint IO: the streaming shard writer, atomic writes and releasing mapped pages."""
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from streammerge.checkpoint import Deferred, save_shard
+from resident import mapped_rss
+from streammerge.checkpoint import Deferred, read_shard, release_pages, save_shard
 
 
 def test_streaming_writer_matches_safetensors_byte_for_byte(tmp_path):
@@ -34,3 +35,23 @@ def test_atomic_write_leaves_no_partial_file(tmp_path):
     except RuntimeError:
         pass
     assert not target.exists() and not list(tmp_path.iterdir())
+
+
+def test_released_pages_leave_the_process_and_fault_back_unchanged(tmp_path):
+    path = tmp_path / "big.safetensors"
+    original = {"a": torch.randn(1024, 1024), "b": torch.randn(1024, 1024)}
+    save_file(original, path)
+    mapped = read_shard(path)
+    assert all(torch.equal(mapped[k], v) for k, v in original.items())  # touches every page
+    before = mapped_rss(tmp_path)
+    release_pages(mapped["a"])
+    assert before - mapped_rss(tmp_path) >= (4 << 20) - 8192  # a's whole pages; b's stay
+    assert mapped_rss(tmp_path) >= (4 << 20) - 8192
+    assert torch.equal(mapped["a"], original["a"])
+
+
+def test_release_leaves_memory_that_is_not_a_mapped_shard_alone():
+    tensor = torch.randn(1024, 1024)
+    copy = tensor.clone()
+    release_pages(tensor)
+    assert torch.equal(tensor, copy)

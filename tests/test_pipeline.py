@@ -1,6 +1,8 @@
 """End-to-end `run` on tiny models of each family, checked against the in-memory reference."""
 
 import json
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -8,10 +10,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from reference import hcsmoe
+from resident import mapped_rss
 from streammerge.arch import ARCHITECTURES
 from streammerge.calibration import DEFAULT_TEXT, sample_windows
 from streammerge.checkpoint import CheckpointReader
 from streammerge.pipeline import Run, RunOptions, run
+from streammerge.runner import reduced_config
+from test_make_synthetic import make_synthetic, shrunken_config
 
 OPTIONS = dict(samples=6, seqlen=32, batch=4, ratio=0.5, device="cpu", method="hcsmoe", feature="mean-output")
 
@@ -62,6 +67,27 @@ def test_streamed_statistics_equal_reference(tiny_models, family, tmp_path):
     assert np.allclose(stats.mean_output.numpy(), reference["mean_outputs"], atol=1e-6)
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])  # softmax top-k; with a shared expert
+def test_scores_from_known_outputs_equal_running_the_experts(tiny_models, family, tmp_path):
+    """Candidates are scored with the kept experts' outputs from the statistics pass instead of running them
+    again; that must give what running the compressed block gives."""
+    state = Run(tiny_models(family), tmp_path / "out", RunOptions(**{**OPTIONS, "method": "auto"}))
+    state.journal.open(state.signature_fields(), state.output_files(), state.num_layers, restart=False)
+    state.embed()
+    layer = min(state.moe_layers)
+    tensors = state.model.reader.read(state.model.layer_names(layer))
+    stats, held = state.measure(layer, state.runner.build(layer, tensors), state.hidden(layer), state.hidden(layer + 1))
+    plans = state.candidates(stats)
+    assert any(len(g) > 1 for g in plans["hcsmoe"]) and all(len(g) == 1 for g in plans["prune-freq"])
+    for method, groups in plans.items():
+        out = state.layer_tensors(layer, tensors, groups, stats)
+        block = state.spec.moe_block(state.runner.build(layer, out, reduced_config(state.spec, state.config, state.k)))
+        got = block(held.x.unsqueeze(0))
+        got = (got[0] if isinstance(got, tuple) else got).reshape(held.y.shape)
+        ran = ((got - held.y).double().norm() / held.y.double().norm()).item()
+        assert state.block_error(layer, out, groups, held) == pytest.approx(ran, rel=1e-5), method
+
+
 def test_output_loads_strictly_and_generates(compressed, family):
     out = compressed(family)
     model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
@@ -89,11 +115,32 @@ def test_non_expert_tensors_are_byte_identical(tiny_models, compressed, family):
         assert source[name].numpy().tobytes() == merged[name].numpy().tobytes(), name
 
 
-def test_at_most_one_layer_of_weights_is_held(tiny_models, tmp_path):
-    model_dir = tiny_models("mixtral")
-    summary = run(model_dir, tmp_path / "out", RunOptions(**OPTIONS))
+def test_at_most_one_expert_of_weights_is_resident(tmp_path):
+    """The real thing: the resident pages of the input's memory maps, sampled from /proc/self/smaps while a
+    run computes, stay at about one expert (the one computing; a tensor being saved beside it), far
+    below one layer, though a layer's tensors are mapped and the previous layer is saved meanwhile."""
+    config = shrunken_config("mixtral", tmp_path)
+    config.write_text(json.dumps({**json.loads(config.read_text()), "hidden_size": 256, "intermediate_size": 1024}))
+    model_dir = tmp_path / "model"
+    make_synthetic.make_synthetic(config, model_dir, layers=4)
     reader = CheckpointReader(model_dir)
-    layers = [[n for n in reader.names() if n.startswith(f"model.layers.{i}.")] for i in range(3)]
-    globals_ = [n for n in reader.names() if not n.startswith("model.layers.")]
-    bound = max(max(reader.nbytes(names) for names in layers), reader.nbytes(globals_))
-    assert 0 < summary["peak_weight_bytes"] <= bound
+    layer = reader.nbytes([n for n in reader.names() if n.startswith("model.layers.1.")])
+    expert = reader.nbytes([n for n in reader.names() if n.startswith("model.layers.1.block_sparse_moe.experts.0.")])
+    peak, done = [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], mapped_rss(model_dir))
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        run(model_dir, tmp_path / "out", RunOptions(ratio=0.5, samples=4, seqlen=64, batch=2, device="cpu"))
+    finally:
+        done.set()
+        sampler.join()
+    assert 0 < peak[0] <= layer / 2
+    assert peak[0] <= 3 * expert, (peak[0], expert)
+
+
