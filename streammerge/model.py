@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 
 import safetensors
@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from . import __version__
 from .arch import FP8_SCALE_SUFFIX, ArchSpec, dequantize_fp8, fp8_block_size, spec_for
-from .checkpoint import INDEX_NAME, CheckpointReader
+from .checkpoint import INDEX_NAME, CheckpointReader, Deferred, release_pages
 from .errors import CheckpointError, InputError, UnsupportedArchitectureError
 from .runner import load_layer
 
@@ -45,6 +45,12 @@ def open_config(model_dir: Path) -> tuple[dict, object, ArchSpec]:
             f"this {spec.family} config has no MoE layer: it is a dense model, nothing to merge"
         )
     return raw_config, config, spec
+
+
+def _dequantized(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], dtype: torch.dtype):
+    out = dequantize_fp8(weight, scale_inv, block, dtype)
+    release_pages(weight)
+    return out
 
 
 class Model:
@@ -90,14 +96,17 @@ class Model:
                 and name[:-len(FP8_SCALE_SUFFIX)] in self.reader.weight_map)
 
     def read(self, names: list[str]) -> dict:
-        """`reader.read`, with block-FP8 weights dequantized to the checkpoint's unquantized dtype."""
+        """`reader.read`, with block-FP8 weights dequantized to the checkpoint's unquantized dtype when used
+        (`Deferred`): dequantizing a whole layer up front would cost the layer twice over in RAM."""
         if self.fp8_block is None:
             return self.reader.read(names)
         scales = [n + FP8_SCALE_SUFFIX for n in names if n + FP8_SCALE_SUFFIX in self.reader.weight_map]
         tensors = self.reader.read([*names, *scales])
         for scale in scales:
             name = scale[:-len(FP8_SCALE_SUFFIX)]
-            tensors[name] = dequantize_fp8(tensors[name], tensors.pop(scale), self.fp8_block, self.weights_dtype)
+            weight = tensors[name]
+            tensors[name] = Deferred(tuple(weight.shape), self.weights_dtype, partial(
+                _dequantized, weight, tensors.pop(scale), self.fp8_block, self.weights_dtype))
         return tensors
 
     def check_tensors(self) -> None:
