@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import hashlib
 import json
 import mmap
 import os
@@ -245,16 +244,15 @@ def materialize(tensor) -> torch.Tensor:
     return tensor.make() if isinstance(tensor, Deferred) else tensor
 
 
-def save_shard(path: Path, tensors: dict[str, "torch.Tensor | Deferred"]) -> str:
+def save_shard(path: Path, tensors: dict[str, "torch.Tensor | Deferred"]) -> None:
     """`stage_shard` and `publish`: the file is complete and durable under its name on return."""
-    digest = stage_shard(path, tensors)
+    stage_shard(path, tensors)
     publish(path)
-    return digest
 
 
-def stage_shard(path: Path, tensors: dict[str, "torch.Tensor | Deferred"]) -> str:
+def stage_shard(path: Path, tensors: dict[str, "torch.Tensor | Deferred"]) -> None:
     """Write a safetensors file tensor by tensor, byte-identical to `safetensors.torch.save_file`, staged
-    beside `path` until `publish`; returns its sha256.
+    beside `path` until `publish`.
 
     safetensors has no streaming writer; this one writes the same layout (tensors ordered by dtype
     size then name, compact JSON header padded to 8 bytes) while computing `Deferred` tensors one at a
@@ -269,22 +267,16 @@ def stage_shard(path: Path, tensors: dict[str, "torch.Tensor | Deferred"]) -> st
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
 
-    digest = hashlib.sha256()
-
     def write(tmp):
         with open(tmp, "wb") as f:
-            for block in (struct.pack("<Q", len(encoded)), encoded):
-                f.write(block)
-                digest.update(block)
+            f.write(struct.pack("<Q", len(encoded)))
+            f.write(encoded)
             for _, tensor in entries:
                 data = materialize(tensor).detach().to("cpu").contiguous()
-                block = data.reshape(-1).view(torch.uint8).numpy().data if data.numel() else b""
-                f.write(block)
-                digest.update(block)
+                f.write(data.reshape(-1).view(torch.uint8).numpy().data if data.numel() else b"")
                 release_pages(data)
 
     stage(path, write)
-    return digest.hexdigest()
 
 
 def read_shard(path: Path) -> dict[str, torch.Tensor]:

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import shutil
+import threading
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -138,6 +139,7 @@ class Run:
         self.runner = LayerRunner(self.spec, self.config, self.device, self.dtype)
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer")
         self.saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="saver")
+        self.overlapping = threading.Event()  # this layer's overlap() started (see there)
         self.hidden_writes: list[Future] = []
 
     def signature_fields(self) -> dict:
@@ -180,11 +182,20 @@ class Run:
             write.result()
         self.hidden_writes.clear()
 
+    def overlap(self, layer: int) -> None:
+        """Start the disk work that overlaps layer `layer`'s compute: saving the previous layer, reading the
+        next. Called when the layer's experts start (once per layer), not before its attention: on a CPU
+        the background threads take cores from the compute, and the short attention ops suffer far more
+        from that than the long expert matmuls."""
+        if self.overlapping.is_set():
+            return
+        self.overlapping.set()
+        if layer + 1 < self.num_layers:
+            self.model.reader.prefetch(self.model.layer_names(layer + 1))
+
     def process(self, layer: int) -> Future:
         """Measure and choose layer `layer`'s output; returns the future of its saving (staging, fsync, then
         the journal record), which runs beside the next layer's compute."""
-        if layer + 1 < self.num_layers:
-            self.model.reader.prefetch(self.model.layer_names(layer + 1))
         tensors = self.model.read(self.model.layer_names(layer))  # block-FP8 weights dequantized
         module = self.runner.build(layer, tensors)
         source, target = self.hidden(layer), self.hidden(layer + 1)
@@ -213,18 +224,22 @@ class Run:
                 written = read_shard(staged_path(path))
                 self.propagate(layer, self.runner.build(layer, written, reduced_config(self.spec, self.config, self.k)))
         else:
+            self.overlap(layer)
             self.propagate(layer, module)
         self.flush_hidden()  # the record may only be committed once the next layer's inputs are durable
-        return self.saver.submit(self.save, path, tensors, record)
+        self.overlapping = threading.Event()  # set by the next layer's overlap(), or when the loop ends
+        return self.saver.submit(self.save, path, tensors, record, self.overlapping)
 
     @staticmethod
     def stage(path: Path, tensors: dict) -> dict:
-        digest = stage_shard(path, tensors)
-        return {"sha256": digest, "bytes": staged_path(path).stat().st_size, "tensors": sorted(tensors),
+        stage_shard(path, tensors)
+        return {"bytes": staged_path(path).stat().st_size, "tensors": sorted(tensors),
                 "tensor_bytes": sum(t.dtype.itemsize * math.prod(t.shape) for t in tensors.values())}
 
-    def save(self, path: Path, tensors: dict | None, record: dict) -> dict:
-        """Stage (unless staged), publish and journal a layer's shard; the layer's input hidden states go."""
+    def save(self, path: Path, tensors: dict | None, record: dict, start: threading.Event) -> dict:
+        """Stage (unless staged), publish and journal a layer's shard once `start` is set; the layer's input
+        hidden states go."""
+        start.wait()
         if tensors is not None:
             record.update(self.stage(path, tensors))
         publish(path)
@@ -251,6 +266,7 @@ class Run:
         current, block, sampled, outputs = {}, {}, [], []
 
         def observe(expert, x, y, top_k_index, top_k_weights):
+            self.overlap(layer)
             if current["chunk"] == scored:
                 outputs.append(y[scored_rows(x)].to("cpu", copy=True))
                 if held_aside:
@@ -468,6 +484,7 @@ def _loop(state: Run) -> None:
             if saved is not None:  # the previous layer was saved while this one computed
                 records.append(_saved(state, saved))
             saved = saving
+        state.overlap(state.num_layers)  # nothing left to overlap with
         if saved is not None:
             records.append(_saved(state, saved))
     except KeyboardInterrupt:
@@ -475,6 +492,7 @@ def _loop(state: Run) -> None:
             f"interrupted during layer {layer}; finished layers are saved: re-run the same command to resume"
         ) from None
     finally:  # no write may still be under way when the error is reported
+        state.overlapping.set()
         state.writer.shutdown(wait=True)
         state.saver.shutdown(wait=True)
     state.finalize(records)
