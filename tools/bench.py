@@ -9,7 +9,8 @@ layer counts, runs `streammerge run` on each in a child process, and prints in o
   (b) peak RSS / (one layer's bytes + one calibration chunk + interpreter baseline), the baseline measured here
       as the peak RSS of a process that imports streammerge and exits;
   (c) wall time / floor, floor = bytes read and written at this disk's measured rates + the statistics' FLOPs
-      (every expert on every calibration token) at this CPU's measured matmul rate;
+      (every expert on every calibration token) at this CPU's matmul rate, measured just before and just after
+      the larger run and averaged (a shared machine's rate drifts by tens of percent within minutes);
   (d) `streammerge plan`'s host-memory estimate against the measured peak RSS.
 With --readme the table replaces the "Performance" section's table in README.md.
 """
@@ -76,17 +77,21 @@ def matmul_rate(tokens: int, hidden: int, inter: int, dtype: torch.dtype) -> flo
     """FLOP/s of an expert-shaped matmul in the compute dtype."""
     x, w = torch.randn(tokens, hidden, dtype=dtype), torch.randn(inter, hidden, dtype=dtype)
     torch.nn.functional.linear(x, w)
-    repeats, started = 5, time.monotonic()
+    repeats, started = 10, time.monotonic()
     for _ in range(repeats):
         torch.nn.functional.linear(x, w)
     return repeats * 2 * tokens * hidden * inter / (time.monotonic() - started)
 
 
-def measure(config: Path, layers: int, options: list[str], work: Path) -> dict:
-    model, out = work / f"model-{layers}", work / f"out-{layers}"
+def synthesize(config: Path, layers: int, work: Path) -> None:
+    model = work / f"model-{layers}"
     if not (model / "config.json").exists():
         subprocess.run([sys.executable, str(ROOT / "tools" / "make_synthetic.py"), str(config), str(model),
                         "--layers", str(layers)], check=True)
+
+
+def measure(layers: int, options: list[str], work: Path) -> dict:
+    model, out = work / f"model-{layers}", work / f"out-{layers}"
     plan = json.loads(subprocess.run([sys.executable, "-m", "streammerge", "plan", str(model), *options, "--json"],
                                      check=True, capture_output=True, text=True).stdout)
     shards = list(model.glob("*.safetensors"))
@@ -114,12 +119,17 @@ def main(config, layers, samples, seqlen, batch, dtype, work, readme):
     options = ["--ratio", "0.5", "--samples", str(samples), "--seqlen", str(seqlen), "--batch", str(batch),
                "--device", "cpu", "--dtype", dtype]
     _, baseline = child([sys.executable, "-c", "import streammerge.cli, streammerge.pipeline, streammerge.plan"])
-    write_rate, read_rate = disk_rates(work)
     raw = json.loads(config.read_text())
     hidden, inter = raw["hidden_size"], raw.get("moe_intermediate_size") or raw["intermediate_size"]
     experts = raw.get("num_local_experts") or raw.get("num_experts")
-    rate = matmul_rate(batch * seqlen, hidden, inter, DTYPES[dtype])
-    small, large = (measure(config, n, options, work) for n in layers)
+    for n in layers:
+        synthesize(config, n, work)
+    small = measure(layers[0], options, work)
+    write_rate, read_rate = disk_rates(work)
+    rates = [matmul_rate(batch * seqlen, hidden, inter, DTYPES[dtype])]
+    large = measure(layers[1], options, work)
+    rates.append(matmul_rate(batch * seqlen, hidden, inter, DTYPES[dtype]))
+    rate = sum(rates) / 2
 
     tokens = samples * seqlen
     stats_flops = large["layers"] * experts * tokens * 2 * 3 * hidden * inter
@@ -139,7 +149,7 @@ def main(config, layers, samples, seqlen, batch, dtype, work, readme):
          f"floor {floor:.1f} s; wall / floor = {large['wall'] / floor:.3f} (target ≤ 1.2)"),
         ("floor parts", "", f"read {large['read'] / gb:.1f} GB at {read_rate / 1e6:.0f} MB/s, write "
          f"{large['written'] / gb:.1f} GB at {write_rate / 1e6:.0f} MB/s, {stats_flops / 1e12:.1f} TFLOP at "
-         f"{rate / 1e9:.0f} GFLOP/s ({dtype})"),
+         f"{rate / 1e9:.0f} GFLOP/s ({dtype}; {rates[0] / 1e9:.0f} before, {rates[1] / 1e9:.0f} after)"),
         ("plan host peak vs measured", f"{large['plan']['host_peak'] / gb:.2f} GB",
          f"plan / measured = {large['plan']['host_peak'] / large['rss']:.3f} (target 0.8–1.2)"),
     ]
