@@ -597,10 +597,14 @@ def fp8_block_size(raw_config: dict) -> tuple[int, int] | None:
 
 def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
                    dtype: torch.dtype) -> torch.Tensor:
-    """weight × its block's scale, as DeepSeek's and transformers' FP8 dequantization compute it."""
+    """weight × its block's scale, as DeepSeek's and transformers' FP8 dequantization compute it, one row of
+    blocks at a time so the float32 temporaries stay small."""
     rows, columns = weight.shape
-    scale = scale_inv.float().repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :columns]
-    return (weight.float() * scale).to(dtype)
+    out = torch.empty((rows, columns), dtype=dtype)
+    for index, start in enumerate(range(0, rows, block[0])):
+        scale = scale_inv[index].float().repeat_interleave(block[1])[:columns]
+        out[start:start + block[0]] = (weight[start:start + block[0]].float() * scale).to(dtype)
+    return out
 
 
 def check_quantization(raw_config: dict) -> None:

@@ -12,7 +12,7 @@ import json
 import shutil
 from pathlib import Path
 
-from .checkpoint import save_json
+from .checkpoint import save_json, staged_path
 from .errors import InputError, ResumeMismatchError
 
 WORK_DIR = ".streammerge"
@@ -79,6 +79,7 @@ class Journal:
         """Delete what streammerge created here and nothing else."""
         for name in files:
             (self.out_dir / name).unlink(missing_ok=True)
+            staged_path(self.out_dir / name).unlink(missing_ok=True)
         shutil.rmtree(self.work_dir, ignore_errors=True)
 
     def _record_path(self, layer: int) -> Path:

@@ -27,7 +27,7 @@ def merge_tensors(tensors: list[torch.Tensor], weights: torch.Tensor) -> torch.T
     """Weighted element-wise average in float32, returned in the inputs' dtype.
 
     Block by block, so the float32 sums never exist for the whole tensor and each block is summed while in
-    cache (3x faster than whole-tensor passes on a Mixtral expert); the result is bit-identical.
+    cache (3x faster than whole-tensor passes on a Mixtral expert), with the same values.
     """
     if len(tensors) == 1:
         return tensors[0]

@@ -105,7 +105,7 @@ def scored_rows(x: torch.Tensor) -> slice:
 
 @dataclass
 class Held:
-    """The scored tokens of a layer: MoE block inputs x, outputs y and every expert's outputs (on the host)."""
+    """The scored tokens of a layer, on the host: MoE block inputs x, outputs y and every expert's outputs."""
 
     x: torch.Tensor
     y: torch.Tensor
@@ -296,7 +296,7 @@ class Run:
                 hook.remove()
         hidden = self.config.hidden_size
         x, y = (block[k].reshape(-1, hidden) for k in "xy")
-        return stats, Held(x[scored_rows(x)].clone(), y[scored_rows(y)].clone(), outputs)
+        return stats, Held(x[scored_rows(x)].to("cpu", copy=True), y[scored_rows(y)].to("cpu", copy=True), outputs)
 
     def candidates(self, stats: ExpertStatistics) -> dict[str, list[list[int]]]:
         opts = self.options
@@ -345,7 +345,7 @@ class Run:
         experts run."""
         module = self.runner.build(layer, out, reduced_config(self.spec, self.config, self.k))
         block = self.spec.moe_block(module)
-        block.experts.known = {k: held.outputs[g[0]].to(self.device) for k, g in enumerate(groups) if len(g) == 1}
+        block.experts.known = {k: held.outputs[g[0]] for k, g in enumerate(groups) if len(g) == 1}
         got = block(held.x.to(self.device).unsqueeze(0))
         got = (got[0] if isinstance(got, tuple) else got).reshape(held.y.shape).to("cpu")
         return ((got - held.y).double().norm() / held.y.double().norm()).item()
@@ -412,13 +412,23 @@ class Run:
         }
 
 
+MERGE_SLAB = 1 << 24  # elements of each member whose mapped pages are resident at once while merging
+
+
 def _merge_mapped(tensors: list, weights: torch.Tensor) -> torch.Tensor:
-    """Merge members that are memory-mapped or `Deferred` (FP8), releasing what each cost once used."""
+    """Merge members that are memory-mapped or `Deferred` (FP8) slab by slab, releasing each slab's pages once
+    merged: a group of m members then holds m slabs of pages, not m whole projections."""
     tensors = [materialize(t) for t in tensors]
-    merged = merge_tensors(tensors, weights)
-    for tensor in tensors:
-        release_pages(tensor)
-    return merged
+    if len(tensors) == 1:
+        return tensors[0]
+    flat = [t.reshape(-1) for t in tensors]
+    merged = torch.empty(flat[0].shape, dtype=flat[0].dtype)
+    for start in range(0, len(merged), MERGE_SLAB):
+        slabs = [f[start:start + MERGE_SLAB] for f in flat]
+        merged[start:start + MERGE_SLAB] = merge_tensors(slabs, weights)
+        for slab in slabs:
+            release_pages(slab)
+    return merged.view(tensors[0].shape)
 
 
 def run(model_dir: Path, out_dir: Path, options: RunOptions) -> dict:

@@ -32,13 +32,15 @@ Host peak (RSS):
   saving              the previous layer's shard is written meanwhile, one tensor at a time: a merged expert
                       projection, or for fused layouts the K kept experts stacked, in w (one expert: I·3H·w)
   hidden states       one chunk read from disk and one chunk written, 2·N·H·c
-  scored outputs      every expert's output on the SCORED_TOKENS scored tokens, E·min(N, SCORED_TOKENS)·H·c, from
-                      which pruned candidates are scored without running experts again
+  scored outputs      every expert's output on the scored tokens (about SCORED_TOKENS of the last chunk's N, every
+                      ⌊N / SCORED_TOKENS⌋-th), E·rows·H·c, from which pruned candidates are scored without
+                      running experts again
   statistics          E×H float64 output sums, the E×E token distances, and the S sampled MoE inputs of every
                       chunk in float32 (for router fitting)
   on CPU also every device term but the CUDA context: there the device is the host.
-Disk: the output checkpoint, plus two layers' sets of hidden states, T·H·c each (the input set of layer l and the
-output set for layer l+1 coexist until l is committed), plus DISK_MARGIN of both for headers, journal and log.
+Disk: the output checkpoint, plus three layers' sets of hidden states, T·H·c each (the input set of layer l is
+removed when l is committed, which happens in the background while layer l+1 writes the set for l+2), plus
+DISK_MARGIN of both for headers, journal and log.
 Work per layer: the statistics pass applies every 2-D weight to every token (attention, router, shared experts and
 all E experts on all T tokens: 2·T·numel FLOPs; the layer's output is summed from those same expert outputs), plus
 the attention scores QKᵀ and AV over full seqlen² windows, 4·T·seqlen·heads·head_dim (kernels that skip the causal
@@ -225,7 +227,7 @@ def estimate(spec: ArchSpec, config, tensors: TensorTable, options: RunOptions, 
         "baseline": HOST_BASELINE_BYTES,
         "saving": one_expert * weights_dtype.itemsize * (k if spec.fused else 1),
         "hidden states": 2 * chunk * hidden * c,
-        "scored outputs": experts * min(chunk, SCORED_TOKENS) * hidden * c,
+        "scored outputs": experts * math.ceil(chunk / max(1, chunk // SCORED_TOKENS)) * hidden * c,
         "statistics": (experts * hidden + experts * experts) * FLOAT64_BYTES
         + chunks * SAMPLED_TOKENS_PER_CHUNK * hidden * FLOAT32_BYTES,
     }
@@ -237,8 +239,8 @@ def estimate(spec: ArchSpec, config, tensors: TensorTable, options: RunOptions, 
         host_memory["reading"] = reading
         device_memory["CUDA context"] = CUDA_CONTEXT_BYTES
     output_bytes = sum(_bytes(entry) for entry in output.values())
-    disk = {"output": output_bytes, "hidden states": 2 * hidden_set,
-            "margin": round(DISK_MARGIN * (output_bytes + 2 * hidden_set))}
+    disk = {"output": output_bytes, "hidden states": 3 * hidden_set,
+            "margin": round(DISK_MARGIN * (output_bytes + 3 * hidden_set))}
     return Plan(
         family=spec.family, model_type=spec.model_type,
         layers=config.num_hidden_layers, moe_layers=len(moe_layers),

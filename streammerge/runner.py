@@ -191,8 +191,8 @@ class ExpertStream(nn.Module):
 
     def output(self, expert: int, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Expert `expert` applied to every row of `x` [N, H] (which are the input's `rows`, if given)."""
-        if expert in self.known and rows is not None:
-            return self.known[expert][rows]
+        if expert in self.known and rows is not None:  # kept on the host: only the rows asked for move
+            return self.known[expert][rows.cpu()].to(x.device, non_blocking=True)
         self._load(expert)
         if self.spec.scaled_input_experts:  # llama4's experts take no routing arguments
             return self.one(x)

@@ -168,6 +168,15 @@ def _fp8_blocks(weight, block=(128, 128)):
     return (weight.float() / expanded).to(torch.float8_e4m3fn), scale
 
 
+def test_fp8_dequantization_row_by_row_equals_the_whole_tensor_formula():
+    from streammerge.arch import dequantize_fp8
+
+    weight, scale = _fp8_blocks(torch.randn(300, 200))  # ragged blocks in both dimensions
+    whole = scale.repeat_interleave(128, 0)[:300].repeat_interleave(128, 1)[:, :200]
+    assert torch.equal(dequantize_fp8(weight, scale, (128, 128), torch.bfloat16),
+                       (weight.float() * whole).to(torch.bfloat16))
+
+
 def test_block_fp8_checkpoints_are_dequantized_on_read(tiny_models, tmp_path):
     """DeepSeek-V3 as released (FP8 128x128 blocks): read dequantized, written as the unquantized dtype."""
     import shutil
