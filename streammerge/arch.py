@@ -345,6 +345,27 @@ def _transformers(name: str) -> str:
     return f"transformers.models.{name}.modeling_{name}"
 
 
+# Text-only and vision-language checkpoints of one family share everything but names and what is left alone.
+_QWEN3_5_MOE = dict(
+    modeling_module=_transformers("qwen3_5_moe"),
+    layer_class="Qwen3_5MoeDecoderLayer", rotary_class="Qwen3_5MoeTextRotaryEmbedding",
+    experts_key="num_experts", top_k_key="num_experts_per_tok",
+    moe_prefix="mlp", router="gate.weight", projections=_SWIGLU,
+    routing=f"{_SOFTMAX_TOPK}, renormalized; hybrid linear (gated DeltaNet) and full attention",
+    dropped=_mtp_prefix, dropped_config=(("mtp_num_hidden_layers", 0),),
+)
+_LLAMA4 = dict(
+    modeling_module=_transformers("llama4"),
+    layer_class="Llama4TextDecoderLayer", rotary_class="Llama4TextRotaryEmbedding",
+    experts_key="num_local_experts", top_k_key="num_experts_per_tok",
+    moe_prefix="feed_forward", moe_attr="feed_forward", router="router.weight", projections=(),
+    routing=("top-k of the router logits; each chosen expert's INPUT is scaled by the sigmoid of its logit; "
+             "chunked and full attention"),
+    is_moe_layer=_listed_moe_layers,
+    fused=(("experts.gate_up_proj", "gate_up_proj"), ("experts.down_proj", "down_proj")),
+    softmax_router=False, scaled_input_experts=True,
+)
+
 _SPECS = (
     ArchSpec(
         model_type="mixtral", family="Mixtral", modeling_module=_transformers("mixtral"),
@@ -426,25 +447,13 @@ _SPECS = (
         dropped=_mtp_prefix, dropped_config=(("mtp_num_hidden_layers", 0),),
     ),
     ArchSpec(
-        model_type="qwen3_5_moe_text", family="Qwen3.5-MoE (text-only checkpoints)",
-        modeling_module=_transformers("qwen3_5_moe"),
-        layer_class="Qwen3_5MoeDecoderLayer", rotary_class="Qwen3_5MoeTextRotaryEmbedding",
-        experts_key="num_experts", top_k_key="num_experts_per_tok",
-        moe_prefix="mlp", router="gate.weight", projections=_SWIGLU,
-        routing=f"{_SOFTMAX_TOPK}, renormalized; hybrid linear (gated DeltaNet) and full attention",
+        model_type="qwen3_5_moe_text", family="Qwen3.5-MoE (text-only checkpoints)", **_QWEN3_5_MOE,
         shared_expert="shared_expert and its sigmoid shared_expert_gate; linear-attention layers",
-        dropped=_mtp_prefix, dropped_config=(("mtp_num_hidden_layers", 0),),
     ),
     ArchSpec(
-        model_type="qwen3_5_moe", family="Qwen3.5-MoE (vision-language checkpoints)",
-        modeling_module=_transformers("qwen3_5_moe"),
-        layer_class="Qwen3_5MoeDecoderLayer", rotary_class="Qwen3_5MoeTextRotaryEmbedding",
-        experts_key="num_experts", top_k_key="num_experts_per_tok",
-        moe_prefix="mlp", router="gate.weight", projections=_SWIGLU,
-        routing=f"{_SOFTMAX_TOPK}, renormalized; hybrid linear (gated DeltaNet) and full attention",
+        model_type="qwen3_5_moe", family="Qwen3.5-MoE (vision-language checkpoints)", **_QWEN3_5_MOE,
         shared_expert="shared_expert and its sigmoid shared_expert_gate; linear-attention layers; the vision tower",
         prefix="model.language_model.", text_config="text_config", passthrough=("model.visual.",),
-        dropped=_mtp_prefix, dropped_config=(("mtp_num_hidden_layers", 0),),
     ),
     ArchSpec(
         model_type="minimax_m2", family="MiniMax-M2", modeling_module=_transformers("minimax_m2"),
@@ -552,26 +561,12 @@ _SPECS = (
         attn_implementation="eager",
     ),
     ArchSpec(
-        model_type="llama4_text", family="Llama 4 (text-only checkpoints)", modeling_module=_transformers("llama4"),
-        layer_class="Llama4TextDecoderLayer", rotary_class="Llama4TextRotaryEmbedding",
-        experts_key="num_local_experts", top_k_key="num_experts_per_tok",
-        moe_prefix="feed_forward", moe_attr="feed_forward", router="router.weight", projections=(),
-        routing=("top-k of the router logits; each chosen expert's INPUT is scaled by the sigmoid of its logit; "
-                 "chunked and full attention"),
-        shared_expert="shared_expert; layers not in moe_layers are dense", is_moe_layer=_listed_moe_layers,
-        fused=(("experts.gate_up_proj", "gate_up_proj"), ("experts.down_proj", "down_proj")),
-        softmax_router=False, scaled_input_experts=True,
+        model_type="llama4_text", family="Llama 4 (text-only checkpoints)", **_LLAMA4,
+        shared_expert="shared_expert; layers not in moe_layers are dense",
     ),
     ArchSpec(
-        model_type="llama4", family="Llama 4 (vision-language checkpoints)", modeling_module=_transformers("llama4"),
-        layer_class="Llama4TextDecoderLayer", rotary_class="Llama4TextRotaryEmbedding",
-        experts_key="num_local_experts", top_k_key="num_experts_per_tok",
-        moe_prefix="feed_forward", moe_attr="feed_forward", router="router.weight", projections=(),
-        routing=("top-k of the router logits; each chosen expert's INPUT is scaled by the sigmoid of its logit; "
-                 "chunked and full attention"),
-        shared_expert="shared_expert; layers not in moe_layers are dense; the vision tower and projector", is_moe_layer=_listed_moe_layers,
-        fused=(("experts.gate_up_proj", "gate_up_proj"), ("experts.down_proj", "down_proj")),
-        softmax_router=False, scaled_input_experts=True,
+        model_type="llama4", family="Llama 4 (vision-language checkpoints)", **_LLAMA4,
+        shared_expert="shared_expert; layers not in moe_layers are dense; the vision tower and projector",
         prefix="language_model.model.", lm_head="language_model.lm_head.weight", text_config="text_config",
         passthrough=("vision_model.", "multi_modal_projector."),
     ),
