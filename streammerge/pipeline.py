@@ -21,8 +21,8 @@ from tqdm import tqdm
 from . import __version__
 from .arch import ArchSpec
 from .calibration import DEFAULT_TEXT, HiddenStates, sample_windows
-from .checkpoint import (INDEX_NAME, CheckpointReader, Deferred, materialize, publish, read_shard, release_pages,
-                         save_json, save_shard, stage_shard, staged_path)
+from .checkpoint import (INDEX_NAME, CheckpointReader, Deferred, drop_cached, materialize, publish, read_shard,
+                         release_pages, save_json, save_shard, stage_shard, staged_path)
 from .cluster import cluster_experts, prune_experts
 from .errors import CheckpointError, InputError, Interrupted
 from .journal import PROVENANCE, Journal
@@ -243,6 +243,10 @@ class Run:
         if tensors is not None:
             record.update(self.stage(path, tensors))
         publish(path)
+        # Neither the shard nor the layer's input is read again: their cached pages go before the next
+        # layer's prefetch needs the room.
+        drop_cached(path)
+        self.model.reader.evict(self.model.layer_names(record["layer"]))
         self.journal.commit(record)
         self.hidden(record["layer"]).remove()
         return record

@@ -1,10 +1,12 @@
-"""Checkpoint IO: the streaming shard writer, atomic writes and releasing mapped pages."""
+"""Checkpoint IO: the streaming shard writer, atomic writes, releasing mapped pages and evicting cached ones."""
+
+import os
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from resident import mapped_rss
-from streammerge.checkpoint import Deferred, read_shard, release_pages, save_shard
+from resident import cached_bytes, mapped_rss
+from streammerge.checkpoint import CheckpointReader, Deferred, drop_cached, read_shard, release_pages, save_shard
 
 
 def test_streaming_writer_matches_safetensors_byte_for_byte(tmp_path):
@@ -48,6 +50,26 @@ def test_released_pages_leave_the_process_and_fault_back_unchanged(tmp_path):
     assert before - mapped_rss(tmp_path) >= (4 << 20) - 8192  # a's whole pages; b's stay
     assert mapped_rss(tmp_path) >= (4 << 20) - 8192
     assert torch.equal(mapped["a"], original["a"])
+
+
+def test_evicted_tensors_leave_the_page_cache_and_their_neighbours_stay(tmp_path):
+    path = tmp_path / "model.safetensors"
+    original = {"a": torch.randn(1024, 1024), "b": torch.randn(1024, 1024)}
+    save_file(original, path)
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())  # dirty pages are never evicted, only clean ones
+    reader = CheckpointReader(tmp_path)
+    reader.prefetch(["a", "b"]).result()
+    ranges = {name: reader.ranges[name][1:] for name in original}
+    assert all(cached_bytes(path, begin, end - begin) >= end - begin for begin, end in ranges.values())
+    reader.evict(["a"])
+    begin, end = ranges["a"]
+    assert cached_bytes(path, begin, end - begin) <= 2 * 4096  # pages shared with the header or b may stay
+    begin, end = ranges["b"]
+    assert cached_bytes(path, begin, end - begin) >= end - begin
+    assert all(torch.equal(t, original[n]) for n, t in reader.read(["a", "b"]).items())  # read back from disk
+    drop_cached(path)
+    assert cached_bytes(path) == 0
 
 
 def test_release_leaves_memory_that_is_not_a_mapped_shard_alone():

@@ -1,6 +1,7 @@
 """End-to-end `run` on tiny models of each family, checked against the in-memory reference."""
 
 import json
+import os
 import threading
 import time
 
@@ -10,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from reference import hcsmoe
-from resident import mapped_rss
+from resident import cached_bytes, mapped_rss
 from streammerge.arch import ARCHITECTURES
 from streammerge.calibration import DEFAULT_TEXT, sample_windows
 from streammerge.checkpoint import CheckpointReader
@@ -115,14 +116,20 @@ def test_non_expert_tensors_are_byte_identical(tiny_models, compressed, family):
         assert source[name].numpy().tobytes() == merged[name].numpy().tobytes(), name
 
 
-def test_at_most_one_expert_of_weights_is_resident(tmp_path):
-    """The real thing: the resident pages of the input's memory maps, sampled from /proc/self/smaps while a
-    run computes, stay at about one expert (the one computing; a tensor being saved beside it), far
-    below one layer, though a layer's tensors are mapped and the previous layer is saved meanwhile."""
+def _synthetic_mixtral(tmp_path):
+    """Four bf16 Mixtral layers of 12.6 MB (experts of 1.6 MB): large next to a page and a header."""
     config = shrunken_config("mixtral", tmp_path)
     config.write_text(json.dumps({**json.loads(config.read_text()), "hidden_size": 256, "intermediate_size": 1024}))
     model_dir = tmp_path / "model"
     make_synthetic.make_synthetic(config, model_dir, layers=4)
+    return model_dir
+
+
+def test_at_most_one_expert_of_weights_is_resident(tmp_path):
+    """The real thing: the resident pages of the input's memory maps, sampled from /proc/self/smaps while a
+    run computes, stay at about one expert (the one computing; a tensor being saved beside it), far
+    below one layer, though a layer's tensors are mapped and the previous layer is saved meanwhile."""
+    model_dir = _synthetic_mixtral(tmp_path)
     reader = CheckpointReader(model_dir)
     layer = reader.nbytes([n for n in reader.names() if n.startswith("model.layers.1.")])
     expert = reader.nbytes([n for n in reader.names() if n.startswith("model.layers.1.block_sparse_moe.experts.0.")])
@@ -142,5 +149,26 @@ def test_at_most_one_expert_of_weights_is_resident(tmp_path):
         sampler.join()
     assert 0 < peak[0] <= layer / 2
     assert peak[0] <= 3 * expert, (peak[0], expert)
+
+
+def test_finished_layers_leave_the_page_cache(tmp_path):
+    """Once a layer is saved, its input (touched twice: prefetched, then computed on) and its written shard
+    are evicted from the page cache, so on a model larger than the cache they cannot push out the
+    prefetched next layer, which the kernel would otherwise drop first as the least used."""
+    model_dir = _synthetic_mixtral(tmp_path)
+    os.sync()  # only clean pages can be evicted: the input was just written
+    reader = CheckpointReader(model_dir)
+    out = tmp_path / "out"
+    run(model_dir, out, RunOptions(ratio=0.5, samples=4, seqlen=64, batch=2, device="cpu"))
+    weight_map = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    for layer in range(4):
+        names = [n for n in reader.names() if n.startswith(f"model.layers.{layer}.")]
+        ranges = [reader.ranges[name] for name in names]
+        cached = sum(cached_bytes(model_dir / shard, begin, end - begin) for shard, begin, end in ranges)
+        # A few pages stay mapped, hence cached: those shared with a neighbour, and those a page fault on a
+        # neighbour mapped around itself (the kernel's fault-around) after they had been released.
+        assert cached <= reader.nbytes(names) / 20, (layer, cached)
+        shard = out / weight_map[f"model.layers.{layer}.block_sparse_moe.gate.weight"]
+        assert cached_bytes(shard) <= shard.stat().st_size / 20, layer  # the summary reads the headers back
 
 
