@@ -81,19 +81,21 @@ def reduced_config(spec: ArchSpec, config, num_experts: int):
 
 
 def load_layer(spec: ArchSpec, config, layer: int, tensors: dict[str, torch.Tensor],
-               device: torch.device | None = None, dtype: torch.dtype | None = None) -> nn.Module:
+               device: torch.device | None = None, dtype: torch.dtype | None = None,
+               expert_buffers: dict | None = None) -> nn.Module:
     """transformers' layer built on meta and filled strictly from `tensors`.
 
-    Routed experts are replaced by an `ExpertStream` over their (CPU, memory-mapped) tensors. Without a
-    device the tensors may be meta too: that checks every name and shape of a layer without reading a
-    byte of weights.
+    Routed experts are replaced by an `ExpertStream` over their (CPU, memory-mapped) tensors, computing in
+    `expert_buffers` (see there). Without a device the tensors may be meta too: that checks every name and
+    shape of a layer without reading a byte of weights.
     """
     with torch.device("meta"):
         module = spec.layer_class_for(config, layer)(config, layer)
     state, experts = split_layer(spec, config, layer, tensors)
     if experts:
         block = spec.moe_block(module)
-        block.experts = stream = ExpertStream(type(block.experts), spec, config, experts, device, dtype)
+        block.experts = stream = ExpertStream(type(block.experts), spec, config, experts, device, dtype,
+                                                    {} if expert_buffers is None else expert_buffers)
         if spec.scaled_input_experts:  # the stream needs the block's input and the router's scores
             block.register_forward_pre_hook(lambda _, args: stream.__dict__.update(block_input=args[0]))
             block.router.register_forward_hook(lambda _, args, out: stream.__dict__.update(scores=out[0]))
@@ -136,14 +138,15 @@ class ExpertStream(nn.Module):
     top_k_index, top_k_weights)` sees each one and nothing is computed twice. The routing it gets is
     the one the family's own router computed.
 
-    The one expert's weights live in buffers of the compute dtype allocated once, which each expert's
-    parts are copied (and converted) into: no per-expert allocation, and the parts' mapped pages are
-    released right after. `known` maps experts to their outputs already computed on this module's
+    The one expert's weights live in buffers of the compute dtype, which each expert's parts are copied (and
+    converted) into, and the parts' mapped pages are released right after. The buffers come from `buffers`
+    (keyed by name and shape), which the caller keeps across layers: allocated once per run, not per layer,
+    since fresh memory costs a page fault per page on first touch (half a second per Mixtral layer). `known` maps experts to their outputs already computed on this module's
     input rows, which are then used instead of running the expert (scoring a pruned layer costs no
     expert computation).
     """
 
-    def __init__(self, experts_class, spec: ArchSpec, config, experts: list[dict], device, dtype):
+    def __init__(self, experts_class, spec: ArchSpec, config, experts: list[dict], device, dtype, buffers: dict):
         super().__init__()
         with torch.device("meta"):
             one = experts_class(reduced_config(spec, config, 1))
@@ -154,6 +157,7 @@ class ExpertStream(nn.Module):
         self.experts = experts
         self.device = device
         self.dtype = dtype
+        self.buffers = buffers
         self.state: dict[str, torch.Tensor] | None = None
         self.observer = None
         self.known: dict[int, torch.Tensor] = {}
@@ -178,8 +182,7 @@ class ExpertStream(nn.Module):
 
     def _load(self, expert: int) -> None:
         if self.state is None:
-            self.state = {name: torch.empty(t.shape, device=self.device, dtype=self.dtype)
-                          for name, t in self.one.state_dict().items()}
+            self.state = {name: self._buffer(name, t.shape) for name, t in self.one.state_dict().items()}
             self.one.load_state_dict(self.state, strict=True, assign=True)
 
         def copy(target, tensor):
@@ -188,6 +191,12 @@ class ExpertStream(nn.Module):
             release_pages(tensor)
 
         self._fill(self.state, expert, copy)
+
+    def _buffer(self, name: str, shape: torch.Size) -> torch.Tensor:
+        key = (name, tuple(shape))
+        if key not in self.buffers:
+            self.buffers[key] = torch.empty(shape, device=self.device, dtype=self.dtype)
+        return self.buffers[key]
 
     def output(self, expert: int, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Expert `expert` applied to every row of `x` [N, H] (which are the input's `rows`, if given)."""
@@ -273,10 +282,11 @@ class LayerRunner:
         self.dtype = dtype
         self._context: dict[tuple[int, int], dict] = {}
         self._base = None
+        self._expert_buffers: dict = {}  # shared by every layer this runner builds
 
     def build(self, layer: int, tensors: dict[str, torch.Tensor], config=None) -> nn.Module:
         config = self.config if config is None else runtime_config(config, self.spec.attn_implementation)
-        return load_layer(self.spec, config, layer, tensors, self.device, self.dtype)
+        return load_layer(self.spec, config, layer, tensors, self.device, self.dtype, self._expert_buffers)
 
     def embed(self, ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         """Layer 0's input: the embedding lookup, scaled where the family scales it (granite)."""
