@@ -10,7 +10,7 @@ import shutil
 import threading
 import time
 from collections import Counter
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -21,8 +21,8 @@ from tqdm import tqdm
 from . import __version__
 from .arch import ArchSpec
 from .calibration import DEFAULT_TEXT, HiddenStates, sample_windows
-from .checkpoint import (INDEX_NAME, CheckpointReader, Deferred, drop_cached, materialize, publish, read_shard,
-                         release_pages, save_json, save_shard, stage_shard, staged_path)
+from .checkpoint import (INDEX_NAME, CheckpointReader, Deferred, drop_cached, io_thread, materialize, publish,
+                         read_shard, release_pages, save_json, save_shard, stage_shard, staged_path)
 from .cluster import cluster_experts, prune_experts
 from .errors import CheckpointError, InputError, Interrupted
 from .journal import PROVENANCE, Journal
@@ -137,8 +137,8 @@ class Run:
         self.total_shards = self.num_layers + 1
         self.journal = Journal(self.out_dir)
         self.runner = LayerRunner(self.spec, self.config, self.device, self.dtype)
-        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer")
-        self.saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="saver")
+        self.writer = io_thread("writer")
+        self.saver = io_thread("saver")
         self.overlapping = threading.Event()  # this layer's overlap() started (see there)
         self.hidden_writes: list[Future] = []
 
