@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import logging
@@ -39,6 +40,16 @@ METHOD_NAMES = {"hcsmoe": "HC-SMoE expert merging", "prune-freq": "pruning by us
                 "prune-reap": "REAP pruning"}
 SAMPLED_TOKENS_PER_CHUNK = 64
 SCORED_TOKENS = 512  # of the last chunk, on which compressed MoE blocks are scored
+_malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc only
+
+
+def _return_freed_heap() -> None:
+    """Hand the heap's free pages back to the system. glibc keeps freed blocks below its (adaptive, up to
+    32 MB) mmap threshold for reuse, and a layer frees hundreds of MB of them in a pattern the next layer
+    does not repeat exactly, so without this the peak RSS creeps up with depth (by 7% over 8 Mixtral
+    layers in tools/bench.py)."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
 
 
 @dataclass(frozen=True)
@@ -196,6 +207,7 @@ class Run:
     def process(self, layer: int) -> Future:
         """Measure and choose layer `layer`'s output; returns the future of its saving (staging, fsync, then
         the journal record), which runs beside the next layer's compute."""
+        _return_freed_heap()
         tensors = self.model.read(self.model.layer_names(layer))  # block-FP8 weights dequantized
         module = self.runner.build(layer, tensors)
         source, target = self.hidden(layer), self.hidden(layer + 1)
