@@ -497,6 +497,8 @@ def _loop(state: Run) -> None:
     first = len(records)
     if first:
         log.info("resuming after layer %d of %d", first - 1, state.num_layers)
+    if first < state.num_layers:  # the first layer's reads overlap the embedding; later ones, the layer before
+        state.model.reader.prefetch(state.model.layer_names(first))
     if first == 0 or not state.hidden(first).complete():
         if first:
             raise CheckpointError(f"the work directory lost the hidden states of layer {first}: re-run with --restart")
