@@ -151,6 +151,7 @@ class Run:
         self.writer = io_thread("writer")
         self.saver = io_thread("saver")
         self.overlapping = threading.Event()  # this layer's overlap() started (see there)
+        self.saving: Future | None = None  # the previous layer's save, running beside this layer
         self.hidden_writes: list[Future] = []
 
     def signature_fields(self) -> dict:
@@ -195,9 +196,12 @@ class Run:
 
     def overlap(self, layer: int) -> None:
         """Start the disk work that overlaps layer `layer`'s compute: saving the previous layer, reading the
-        next. Called when the layer's experts start (once per layer), not before its attention: on a CPU
-        the background threads take cores from the compute, and the short attention ops suffer far more
-        from that than the long expert matmuls."""
+        next. Called when the layer's experts start, not before its attention: on a CPU the background
+        threads take cores from the compute, and the short attention ops suffer far more from that than the
+        long expert matmuls. Called again before each expert, it stops the run as soon as that save has
+        failed (a full disk), not after the whole layer's compute."""
+        if self.saving is not None and self.saving.done() and self.saving.exception() is not None:
+            raise self.saving.exception()
         if self.overlapping.is_set():
             return
         self.overlapping.set()
@@ -240,7 +244,8 @@ class Run:
             self.propagate(layer, module)
         self.flush_hidden()  # the record may only be committed once the next layer's inputs are durable
         self.overlapping = threading.Event()  # set by the next layer's overlap(), or when the loop ends
-        return self.saver.submit(self.save, path, tensors, record, self.overlapping)
+        self.saving = self.saver.submit(self.save, path, tensors, record, self.overlapping)
+        return self.saving
 
     @staticmethod
     def stage(path: Path, tensors: dict) -> dict:

@@ -4,6 +4,7 @@ import errno
 import hashlib
 import json
 import shutil
+import time
 
 import pytest
 from click.testing import CliRunner
@@ -12,7 +13,8 @@ import streammerge.checkpoint
 from conftest import tree_hash
 from streammerge.cli import main
 from streammerge.errors import InsufficientResourcesError
-from streammerge.pipeline import RunOptions, run
+from streammerge.pipeline import Run, RunOptions, run
+from streammerge.runner import ExpertStream
 
 SMALL = ["--ratio", "0.5", "--samples", "2", "--seqlen", "16", "--device", "cpu"]
 
@@ -124,6 +126,34 @@ def test_disk_full_during_a_write_loses_nothing(tiny_models, tmp_path, monkeypat
                 and p.name != "streammerge.json"}
 
     assert digest(out) == digest(tmp_path / "clean")
+
+
+def test_a_failed_background_save_stops_the_run_at_the_next_expert(tiny_models, tmp_path, monkeypatch):
+    """Layer 0's shard is saved while layer 1 computes. When that save fails, the run stops within an expert or
+    two of layer 1, not after the whole layer (many minutes on a real model) as it did."""
+    model_dir = tiny_models("mixtral")
+    experts = json.loads((model_dir / "config.json").read_text())["num_local_experts"]
+    layer, ran = [None], []
+    real_process, real_output = Run.process, ExpertStream.output
+
+    def process(self, index):
+        layer[0] = index
+        return real_process(self, index)
+
+    def slow_output(self, expert, x, rows=None):
+        time.sleep(0.05)  # time for the failing save to fail while layer 1 computes
+        ran.append(layer[0])
+        return real_output(self, expert, x, rows)
+
+    def full_disk(path, tensors):
+        raise InsufficientResourcesError(f"disk full while writing {path}: free space and re-run")
+
+    monkeypatch.setattr(Run, "process", process)
+    monkeypatch.setattr(ExpertStream, "output", slow_output)
+    monkeypatch.setattr(Run, "stage", staticmethod(full_disk))
+    with pytest.raises(InsufficientResourcesError, match="disk full while writing"):
+        run(model_dir, tmp_path / "out", RunOptions(ratio=0.5, samples=4, seqlen=16, batch=2, device="cpu"))
+    assert 0 < ran.count(1) < experts  # layer 1 has two chunks of every expert to run
 
 
 def test_preflight_refuses_a_too_small_disk_before_any_work(tiny_models, tmp_path, monkeypatch):
