@@ -26,9 +26,11 @@ import time
 from pathlib import Path
 
 import click
-import torch
 
-from readme import write_section
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as streammerge/__init__.py sets it for the runs: same allocator
+import torch  # noqa: E402
+
+from readme import write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
