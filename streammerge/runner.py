@@ -86,7 +86,7 @@ def load_layer(spec: ArchSpec, config, layer: int, tensors: dict[str, torch.Tens
     """transformers' layer built on meta and filled strictly from `tensors`.
 
     Routed experts are replaced by an `ExpertStream` over their (CPU, memory-mapped) tensors, computing in
-    `expert_buffers` (see there). Without a device the tensors may be meta too: that checks every name and
+    `expert_buffers` (see `ExpertStream`). Without a device the tensors may be meta too: that checks every name and
     shape of a layer without reading a byte of weights.
     """
     with torch.device("meta"):
@@ -94,8 +94,8 @@ def load_layer(spec: ArchSpec, config, layer: int, tensors: dict[str, torch.Tens
     state, experts = split_layer(spec, config, layer, tensors)
     if experts:
         block = spec.moe_block(module)
-        block.experts = stream = ExpertStream(type(block.experts), spec, config, experts, device, dtype,
-                                                    {} if expert_buffers is None else expert_buffers)
+        buffers = {} if expert_buffers is None else expert_buffers
+        block.experts = stream = ExpertStream(type(block.experts), spec, config, experts, device, dtype, buffers)
         if spec.scaled_input_experts:  # the stream needs the block's input and the router's scores
             block.register_forward_pre_hook(lambda _, args: stream.__dict__.update(block_input=args[0]))
             block.router.register_forward_hook(lambda _, args, out: stream.__dict__.update(scores=out[0]))
@@ -141,9 +141,10 @@ class ExpertStream(nn.Module):
     The one expert's weights live in buffers of the compute dtype, which each expert's parts are copied (and
     converted) into, and the parts' mapped pages are released right after. The buffers come from `buffers`
     (keyed by name and shape), which the caller keeps across layers: allocated once per run, not per layer,
-    since fresh memory costs a page fault per page on first touch (half a second per Mixtral layer). `known` maps experts to their outputs already computed on this module's
-    input rows, which are then used instead of running the expert (scoring a pruned layer costs no
-    expert computation).
+    since fresh memory costs a page fault per page on first touch (half a second per Mixtral layer).
+
+    `known` maps experts to their outputs already computed on this module's input rows, which are then used
+    instead of running the expert (scoring a pruned layer costs no expert computation).
     """
 
     def __init__(self, experts_class, spec: ArchSpec, config, experts: list[dict], device, dtype, buffers: dict):
