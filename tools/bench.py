@@ -26,11 +26,12 @@ import time
 from pathlib import Path
 
 import click
+# streammerge first: its allocator setting (streammerge/__init__.py) must precede torch, so that the matmul rate
+# is measured as the runs compute.
+from streammerge.checkpoint import drop_cached
+import torch
 
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as streammerge/__init__.py sets it for the runs: same allocator
-import torch  # noqa: E402
-
-from readme import write_section  # noqa: E402
+from readme import write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -47,13 +48,6 @@ def child(command: list[str]) -> tuple[float, int]:
     return wall, usage.ru_maxrss * 1024
 
 
-def drop_cache(paths) -> None:
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        os.close(fd)
-
-
 def disk_rates(work: Path, size: int = 1 << 30) -> tuple[float, float]:
     """Sequential write (with fsync) and cold read rates in bytes/s."""
     path = work / "disk-rate.bin"
@@ -65,7 +59,7 @@ def disk_rates(work: Path, size: int = 1 << 30) -> tuple[float, float]:
         f.flush()
         os.fsync(f.fileno())
     write = size / (time.monotonic() - started)
-    drop_cache([path])
+    drop_cached(path)
     started = time.monotonic()
     with open(path, "rb") as f:
         while f.read(1 << 24):
@@ -97,7 +91,8 @@ def measure(layers: int, options: list[str], work: Path) -> dict:
     plan = json.loads(subprocess.run([sys.executable, "-m", "streammerge", "plan", str(model), *options, "--json"],
                                      check=True, capture_output=True, text=True).stdout)
     shards = list(model.glob("*.safetensors"))
-    drop_cache(shards)
+    for shard in shards:
+        drop_cached(shard)
     subprocess.run(["rm", "-rf", str(out)], check=True)
     wall, rss = child([sys.executable, "-m", "streammerge", "run", str(model), str(out), *options])
     written = sum(p.stat().st_size for p in out.glob("*.safetensors"))
