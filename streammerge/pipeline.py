@@ -40,12 +40,27 @@ METHOD_NAMES = {"hcsmoe": "HC-SMoE expert merging", "prune-freq": "pruning by us
                 "prune-reap": "REAP pruning"}
 SAMPLED_TOKENS_PER_CHUNK = 64
 SCORED_TOKENS = 512  # of the last chunk, on which compressed MoE blocks are scored
-_malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc only
+_libc = ctypes.CDLL(None)
+_malloc_trim = getattr(_libc, "malloc_trim", None)  # glibc only
+_mallopt = getattr(_libc, "mallopt", None)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+REUSED_BLOCK_BYTES = 1 << 30
+
+
+def _reuse_freed_blocks() -> None:
+    """Let glibc keep freed blocks of up to 1 GB for reuse instead of unmapping them. Each expert's forward
+    allocates the same few hundred MB of activations; above glibc's 32 MB limit each would be a fresh mapping,
+    paid for with page faults and, while the streamed model fills the page cache, reclaim inside them. On 2
+    Mixtral layers the activation and its product took 3.7 s more that way, 5% of the run. The blocks go back
+    to the system between layers (`_return_freed_heap`)."""
+    if _mallopt is not None:
+        _mallopt(M_MMAP_THRESHOLD, REUSED_BLOCK_BYTES)
+        _mallopt(M_TRIM_THRESHOLD, REUSED_BLOCK_BYTES)
 
 
 def _return_freed_heap() -> None:
-    """Hand the heap's free pages back to the system. glibc keeps freed blocks below its (adaptive, up to
-    32 MB) mmap threshold for reuse, and a layer frees hundreds of MB of them in a pattern the next layer
+    """Hand the heap's free pages back to the system. glibc keeps freed blocks for reuse (see
+    `_reuse_freed_blocks`), and a layer frees hundreds of MB of them in a pattern the next layer
     does not repeat exactly, so without this the peak RSS creeps up with depth (by 7% over 8 Mixtral
     layers in tools/bench.py)."""
     if _malloc_trim is not None:
@@ -456,6 +471,7 @@ def run(model_dir: Path, out_dir: Path, options: RunOptions) -> dict:
     started = time.monotonic()
     from .plan import estimate, planned_device, preflight  # plan imports this module
 
+    _reuse_freed_blocks()
     state = Run(model_dir, out_dir, options)
     preflight(estimate(state.spec, state.config, state.model.tensor_table, options, planned_device(options.device)),
               state.out_dir)
