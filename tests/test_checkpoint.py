@@ -1,7 +1,9 @@
 """Checkpoint IO: the streaming shard writer, atomic writes, releasing mapped pages and evicting cached ones."""
 
 import os
+import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -50,6 +52,22 @@ def test_released_pages_leave_the_process_and_fault_back_unchanged(tmp_path):
     assert before - mapped_rss(tmp_path) >= (4 << 20) - 8192  # a's whole pages; b's stay
     assert mapped_rss(tmp_path) >= (4 << 20) - 8192
     assert torch.equal(mapped["a"], original["a"])
+
+
+@pytest.mark.parametrize("platform", ["linux", "darwin"])
+def test_prefetch_brings_the_tensors_into_the_page_cache(tmp_path, monkeypatch, platform):
+    if platform == "linux" and sys.platform != "linux":
+        pytest.skip("the splice to /dev/null is Linux only")
+    monkeypatch.setattr(sys, "platform", platform)  # elsewhere, the portable read into a buffer
+    path = tmp_path / "model.safetensors"
+    save_file({"a": torch.randn(1024, 1024), "b": torch.randn(1024, 1024)}, path)
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+    drop_cached(path)
+    reader = CheckpointReader(tmp_path)
+    reader.prefetch(["b"]).result()
+    _, begin, end = reader.ranges["b"]
+    assert cached_bytes(path, begin, end - begin) >= end - begin  # whole pages
 
 
 def test_evicted_tensors_leave_the_page_cache_and_their_neighbours_stay(tmp_path):
