@@ -52,7 +52,7 @@ def _reuse_freed_blocks() -> None:
     allocates the same few hundred MB of activations; above glibc's 32 MB limit each would be a fresh mapping,
     paid for with page faults and, while the streamed model fills the page cache, reclaim inside them. On 2
     Mixtral layers the activation and its product took 3.7 s more that way, 5% of the run. The blocks go back
-    to the system between layers (`_return_freed_heap`)."""
+    to the system once a layer's statistics are done (`_return_freed_heap`)."""
     if _mallopt is not None:
         _mallopt(M_MMAP_THRESHOLD, REUSED_BLOCK_BYTES)
         _mallopt(M_TRIM_THRESHOLD, REUSED_BLOCK_BYTES)
@@ -60,9 +60,9 @@ def _reuse_freed_blocks() -> None:
 
 def _return_freed_heap() -> None:
     """Hand the heap's free pages back to the system. glibc keeps freed blocks for reuse (see
-    `_reuse_freed_blocks`), and a layer frees hundreds of MB of them in a pattern the next layer
-    does not repeat exactly, so without this the peak RSS creeps up with depth (by 7% over 8 Mixtral
-    layers in tools/bench.py)."""
+    `_reuse_freed_blocks`), which pays while the same activations repeat, expert after expert; the steps
+    after them allocate other sizes, and without this the peak RSS crept up with depth (by 7% over 8
+    Mixtral layers in tools/bench.py)."""
     if _malloc_trim is not None:
         _malloc_trim(0)
 
@@ -235,6 +235,7 @@ class Run:
         if layer in self.moe_layers:
             stats, held = self.measure(layer, module, source, target)
             del module
+            _return_freed_heap()  # the experts' activation blocks: merging and scoring allocate other sizes
             plans = self.candidates(stats)
             outputs = {method: self.layer_tensors(layer, tensors, groups, stats) for method, groups in plans.items()}
             errors = {m: self.block_error(layer, outputs[m], plans[m], held) for m in plans}
