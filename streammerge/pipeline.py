@@ -50,9 +50,9 @@ REUSED_BLOCK_BYTES = 1 << 30
 def _reuse_freed_blocks() -> None:
     """Let glibc keep freed blocks of up to 1 GB for reuse instead of unmapping them. Each expert's forward
     allocates the same few hundred MB of activations; above glibc's 32 MB limit each would be a fresh mapping,
-    paid for with page faults and, while the streamed model fills the page cache, reclaim inside them. On 2
-    Mixtral layers the activation and its product took 3.7 s more that way, 5% of the run. The blocks go back
-    to the system once a layer's statistics are done (`_return_freed_heap`)."""
+    paid for with page faults and, while the streamed model fills the page cache, reclaim inside them, which
+    made the element-wise work around the matmuls slow (README "Performance"). The blocks go back to the
+    system once a layer's statistics are done (`_return_freed_heap`)."""
     if _mallopt is not None:
         _mallopt(M_MMAP_THRESHOLD, REUSED_BLOCK_BYTES)
         _mallopt(M_TRIM_THRESHOLD, REUSED_BLOCK_BYTES)

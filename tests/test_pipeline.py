@@ -13,9 +13,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from reference import hcsmoe
 from resident import cached_bytes, mapped_rss
+from streammerge import pipeline
 from streammerge.arch import ARCHITECTURES
 from streammerge.calibration import DEFAULT_TEXT, sample_windows
-from streammerge import pipeline
 from streammerge.checkpoint import CheckpointReader
 from streammerge.pipeline import Run, RunOptions, run
 from streammerge.runner import reduced_config

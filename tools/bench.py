@@ -74,7 +74,7 @@ def disk_rates(work: Path, size: int = 1 << 30) -> tuple[float, float]:
 def matmul_rate(tokens: int, hidden: int, inter: int, dtype: torch.dtype) -> float:
     """FLOP/s of an expert's two matmuls in the compute dtype, in the shapes transformers stores them: the
     fused gate and up projection [2·inter, hidden], then the down projection [hidden, inter]. The down
-    projection's shape runs a few percent slower than the others on this CPU, so a rate taken on one
+    projection's shape runs a few percent slower than the gate-up's on this CPU, so a rate taken on one
     projection alone would understate the floor. Only the matmuls are timed: their outputs are allocated
     once, and nothing else of the expert (the activation) runs. Timed over RATE_SECONDS: over 10 s, the two
     measurements around one run differed by up to a third."""
