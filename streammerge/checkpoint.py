@@ -37,8 +37,9 @@ def io_thread(name: str) -> ThreadPoolExecutor:
     """A worker thread for disk work beside the compute, at the lowest CPU priority (Linux sets it per
     thread). Its copies to and from the page cache otherwise preempt a compute thread, and the other
     threads of a parallel matmul then wait for that one: on 2 cores, background reads and writes at
-    normal priority cut the matmul rate by about a third in a side test, at the lowest by a few percent. The disk itself
-    works as fast either way; the thread only needs a core now and then to hand it the next request."""
+    normal priority cut the matmul rate by about a third in a side test, at the lowest by a few percent.
+    The disk itself works as fast either way; the thread only needs a core now and then to hand it the
+    next request."""
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix=name, initializer=_lowest_priority)
 
 

@@ -86,8 +86,8 @@ def load_layer(spec: ArchSpec, config, layer: int, tensors: dict[str, torch.Tens
     """transformers' layer built on meta and filled strictly from `tensors`.
 
     Routed experts are replaced by an `ExpertStream` over their (CPU, memory-mapped) tensors, computing in
-    `expert_buffers` (see `ExpertStream`). Without a device the tensors may be meta too: that checks every name and
-    shape of a layer without reading a byte of weights.
+    `expert_buffers` (see `ExpertStream`). Without a device the tensors may be meta too: that checks every
+    name and shape of a layer without reading a byte of weights.
     """
     with torch.device("meta"):
         module = spec.layer_class_for(config, layer)(config, layer)
