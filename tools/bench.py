@@ -52,8 +52,8 @@ def child(command: list[str]) -> tuple[float, int]:
     return wall, usage.ru_maxrss * 1024
 
 
-def write_rate(work: Path, size: int = 1 << 30) -> tuple[float, float]:
-    """Sequential write rate (with fsync) in bytes/s, and the rate at which that fresh file reads back with the
+def fresh_file_rates(work: Path, size: int = 1 << 30) -> tuple[float, float]:
+    """Sequential write rate (with fsync) of a new file in bytes/s, and the rate at which it reads back with the
     page cache dropped (for comparison only: the host still caches it)."""
     path = work / "disk-rate.bin"
     block = os.urandom(1 << 24)
@@ -147,7 +147,7 @@ def main(config, layers, samples, seqlen, batch, dtype, work, readme):
     for n in layers:
         synthesize(config, n, work)
     small = measure(layers[0], options, work)
-    written_rate, fresh_read_rate = write_rate(work)
+    written_rate, fresh_read_rate = fresh_file_rates(work)
     rates = [matmul_rate(batch * seqlen, hidden, inter, DTYPES[dtype])]
     large = measure(layers[1], options, work)
     rates.append(matmul_rate(batch * seqlen, hidden, inter, DTYPES[dtype]))
