@@ -6,6 +6,8 @@ import json
 
 import pytest
 import torch
+import transformers
+from packaging.version import Version
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
 from streammerge.arch import ARCHITECTURES, families_table
@@ -18,6 +20,7 @@ from tiny_models import FAMILIES, MORE_FAMILIES, VISION
 
 OPTIONS = dict(samples=4, seqlen=16, batch=2, ratio=0.5, device="cpu", method="hcsmoe")
 TESTED = sorted(f for f in MORE_FAMILIES if f in ARCHITECTURES)
+LLAMA4_VL_FORWARD_BROKEN = Version(transformers.__version__) >= Version("5.24")
 
 
 @pytest.fixture(params=TESTED)
@@ -125,8 +128,16 @@ def test_half_the_experts_load_strictly_and_generate(tiny_models, halved, more_f
     kept = [n for n in source.names() if n not in routed]
     a, b = source.read(kept), merged.read(kept)
     assert all(torch.equal(a[n], b[n]) for n in kept)
-    tokenizer = AutoTokenizer.from_pretrained(out)
-    generated = model.generate(**tokenizer("The module", return_tensors="pt"), max_new_tokens=4, do_sample=False)
+    prompt = AutoTokenizer.from_pretrained(out)("The module", return_tensors="pt")
+    if more_family == "llama4" and LLAMA4_VL_FORWARD_BROKEN:
+        # transformers 5.24's Llama4ForConditionalGeneration.forward builds its output from
+        # `outputs.image_outputs` of the text model's output, which has no such field, so any forward of the
+        # vision-language model fails, before or after compression. Its text model holds every compressed
+        # tensor, so generation is checked through it; the raises below fails once upstream is fixed.
+        with pytest.raises(AttributeError, match="image_outputs"):
+            model.generate(**prompt, max_new_tokens=4, do_sample=False)
+        model = model.language_model
+    generated = model.generate(**prompt, max_new_tokens=4, do_sample=False)
     assert generated.shape[1] > 2
 
 
