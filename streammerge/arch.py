@@ -595,7 +595,7 @@ def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[i
     """weight × its block's scale, as DeepSeek's and transformers' FP8 dequantization compute it, one row of
     blocks at a time so the float32 temporaries stay small."""
     rows, columns = weight.shape
-    out = torch.empty((rows, columns), dtype=dtype)
+    out = torch.empty((rows, columns), dtype=dtype, device=weight.device)
     for index, start in enumerate(range(0, rows, block[0])):
         scale = scale_inv[index].float().repeat_interleave(block[1])[:columns]
         out[start:start + block[0]] = (weight[start:start + block[0]].float() * scale).to(dtype)

@@ -272,11 +272,16 @@ def atomic_write(path: Path, write) -> None:
 
 @dataclass(frozen=True)
 class Deferred:
-    """A tensor computed only when it is written or used, so a layer's merged experts never all exist at once."""
+    """A tensor computed only when it is written or used, so a layer's merged experts never all exist at once.
+
+    When it is `compute(*sources)` (a block-FP8 weight: its e4m3 bytes and scales), a device can compute it from
+    copies of the smaller sources instead (runner.ExpertStream dequantizes on the GPU)."""
 
     shape: tuple[int, ...]
     dtype: torch.dtype
     make: Callable[[], torch.Tensor]
+    sources: tuple[torch.Tensor, ...] = ()
+    compute: Callable[..., torch.Tensor] | None = None
 
 
 def materialize(tensor) -> torch.Tensor:

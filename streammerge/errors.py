@@ -29,6 +29,10 @@ class InsufficientResourcesError(StreamMergeError):
     exit_code = 3
 
 
+class DeviceMemoryError(StreamMergeError):
+    """The GPU ran out of memory mid-run; the finished layers are kept."""
+
+
 class Interrupted(StreamMergeError):
     """The user pressed Ctrl-C; the run stopped at a safe point."""
 

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from .calibration import HiddenStates, token_stream
 from .errors import CheckpointError, InputError
 from .model import Model
-from .pipeline import resolve_device, resolve_dtype
+from .pipeline import out_of_memory, resolve_device, resolve_dtype
 from .runner import LayerRunner
 
 log = logging.getLogger(__name__)
@@ -85,9 +85,22 @@ def perplexity(model_dir: Path, text_path: Path, tokens: int = 16384, seqlen: in
     dtype = resolve_dtype(dtype, device, model.weights_dtype)
     ids = token_windows(model.tokenizer(), text_path, tokens, seqlen)
     chunks = ids.split(batch)
-    num_layers = model.config.num_hidden_layers
     log.info("perplexity of %s over %d windows of %d tokens on %s (%s)", model.name, len(ids), seqlen, device,
              str(dtype).removeprefix("torch."))
+    try:
+        nll = _streamed_nll(model, chunks, device, dtype, work_dir)
+    except torch.OutOfMemoryError as exc:
+        raise out_of_memory(exc, "eval", "and re-run") from None
+    count = len(ids) * (seqlen - 1)
+    try:
+        value = math.exp(nll / count)
+    except OverflowError:  # a badly broken model can score a mean NLL beyond exp's range
+        value = math.inf
+    return dict(perplexity=value, tokens=count, nll=nll, windows=len(ids))
+
+
+def _streamed_nll(model: Model, chunks, device: torch.device, dtype: torch.dtype, work_dir: Path | None) -> float:
+    """The summed next-token NLL of the chunks' windows, the model streamed layer by layer."""
     with tempfile.TemporaryDirectory(prefix="streammerge-eval-", dir=work_dir) as tmp:
         runner = LayerRunner(model.spec, model.config, device, dtype)
         norm = runner.final_norm(model.reader)  # refuses a checkpoint without one before any work
@@ -96,7 +109,7 @@ def perplexity(model_dir: Path, text_path: Path, tokens: int = 16384, seqlen: in
         for c, chunk in enumerate(chunks):
             store.write(c, runner.embed(chunk, table).to(dtype))  # granite scales its embeddings
         del table
-        for layer in tqdm(range(num_layers), desc="layers", disable=None):
+        for layer in tqdm(range(model.config.num_hidden_layers), desc="layers", disable=None):
             module = runner.build(layer, model.read(model.layer_names(layer)))
             source, store = store, HiddenStates(tmp, layer + 1, len(chunks))
             for c in range(len(chunks)):
@@ -104,10 +117,4 @@ def perplexity(model_dir: Path, text_path: Path, tokens: int = 16384, seqlen: in
             source.remove()
             del module
         head = output_embeddings(model).to(device=device, dtype=dtype) * runner.logits_scale  # granite
-        nll = sum(chunk_nll(store.read(c, device), chunk, norm, head) for c, chunk in enumerate(chunks))
-    count = len(ids) * (seqlen - 1)
-    try:
-        value = math.exp(nll / count)
-    except OverflowError:  # a badly broken model can score a mean NLL beyond exp's range
-        value = math.inf
-    return dict(perplexity=value, tokens=count, nll=nll, windows=len(ids))
+        return sum(chunk_nll(store.read(c, device), chunk, norm, head) for c, chunk in enumerate(chunks))

@@ -105,8 +105,12 @@ class Model:
         for scale in scales:
             name = scale[:-len(FP8_SCALE_SUFFIX)]
             weight = tensors[name]
-            tensors[name] = Deferred(tuple(weight.shape), self.weights_dtype, partial(
-                _dequantized, weight, tensors.pop(scale), self.fp8_block, self.weights_dtype))
+            scale_inv = tensors.pop(scale)
+            tensors[name] = Deferred(
+                tuple(weight.shape), self.weights_dtype,
+                partial(_dequantized, weight, scale_inv, self.fp8_block, self.weights_dtype),
+                sources=(weight, scale_inv),
+                compute=partial(dequantize_fp8, block=self.fp8_block, dtype=self.weights_dtype))
         return tensors
 
     def check_tensors(self) -> None:

@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 import threading
 import time
@@ -25,10 +26,11 @@ from .calibration import DEFAULT_TEXT, HiddenStates, sample_windows
 from .checkpoint import (INDEX_NAME, CheckpointReader, Deferred, drop_cached, io_thread, materialize, publish,
                          read_shard, release_pages, save_json, save_shard, stage_shard, staged_path)
 from .cluster import cluster_experts, prune_experts
-from .errors import CheckpointError, InputError, Interrupted
+from .errors import CheckpointError, DeviceMemoryError, InputError, Interrupted
 from .journal import PROVENANCE, Journal
 from .merge import member_weights, merge_tensors, router_rows, router_vector
 from .model import Model
+from .routed import Placement, RoutedTokens
 from .runner import LayerRunner, reduced_config
 from .statistics import ExpertStatistics
 
@@ -114,14 +116,64 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device, weights_dtype: torch.dtype) -> torch.dtype:
-    """`auto` computes in float32 on CPU (bf16 matmuls are slow on most CPUs), in the weights' dtype on GPU."""
+    """`auto` computes in float32 on CPU (bf16 matmuls are slow on most CPUs), in the weights' dtype on GPU, but
+    bfloat16 weights in float32 on a GPU without bfloat16 (before Ampere), where float16 could overflow."""
     if name == "auto":
-        return torch.float32 if device.type == "cpu" else weights_dtype
+        if device.type == "cpu" or (weights_dtype == torch.bfloat16 and not bf16_capable(device)):
+            return torch.float32
+        return weights_dtype
+    if name == "bfloat16" and not bf16_capable(device):
+        raise InputError(f"--dtype bfloat16: {torch.cuda.get_device_name(device)} has no bfloat16 support: use "
+                         f"--dtype float32 or auto")
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def bf16_capable(device: torch.device) -> bool:
+    """bfloat16 matmuls run natively (CPU, CUDA from compute capability 8.0). A device that is not there (a plan
+    made on another machine) is taken to have it."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return True
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def device_fields(device: torch.device) -> dict:
+    """What the result depends on beyond the options and versions: on CUDA the GPU model, the CUDA and cuBLAS
+    versions (kernels, hence bits, differ between them) and deterministic mode (`deterministic`)."""
+    if device.type != "cuda":
+        return {"device": device.type}
+    return {"device": device.type, "gpu": torch.cuda.get_device_name(device),
+            "capability": ".".join(map(str, torch.cuda.get_device_capability(device))),
+            "cuda": torch.version.cuda, "cublas": cublas_version(device),
+            "deterministic": torch.are_deterministic_algorithms_enabled()}
+
+
+def cublas_version(device: torch.device) -> str:
+    """The version of the cuBLAS torch loaded, as cublasLt reports it (torch has no API for it)."""
+    torch.ones(8, 8, device=device) @ torch.ones(8, 8, device=device)  # loads cuBLAS
+    with open("/proc/self/maps") as maps:
+        paths = {line.split()[-1] for line in maps if "libcublasLt" in line}
+    for path in sorted(paths):
+        version = ctypes.CDLL(path).cublasLtGetVersion
+        version.restype = ctypes.c_size_t
+        return str(version())
+    return "unknown"
+
+
+def deterministic(device: torch.device) -> None:
+    """Deterministic kernels on CUDA (index_add_ without atomics, fixed cuBLAS workspaces), so that a resumed run
+    on the same hardware gives the same bytes. cuBLAS reads its setting when CUDA starts, hence before it."""
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def shard_name(index: int, total: int) -> str:
     return f"model-{index + 1:05d}-of-{total:05d}.safetensors"
+
+
+def sampled_rows(x: torch.Tensor) -> slice:
+    """About SAMPLED_TOKENS_PER_CHUNK evenly spaced rows of a chunk, on which experts are compared token by token."""
+    return slice(None, None, max(1, x.shape[0] // SAMPLED_TOKENS_PER_CHUNK))
 
 
 def scored_rows(x: torch.Tensor) -> slice:
@@ -168,6 +220,7 @@ class Run:
         self.overlapping = threading.Event()  # this layer's overlap() started (see there)
         self.saving: Future | None = None  # the previous layer's save, running beside this layer
         self.hidden_writes: list[Future] = []
+        self.placement = Placement()  # where a layer's MoE inputs wait for the experts; tokens per expert call
 
     def signature_fields(self) -> dict:
         ignored = ("restart", "calib", "ratio", "experts", "eval_text")
@@ -176,7 +229,7 @@ class Run:
             "input": self.model.fingerprint,
             "experts_kept": self.k,
             **options,
-            "device": self.device.type,
+            **device_fields(self.device),
             "calibration_tokens": hashlib.sha256(self.tokens.numpy().tobytes()).hexdigest(),
             "versions": self.model.versions(),
         }
@@ -291,49 +344,72 @@ class Run:
 
     @torch.no_grad()
     def measure(self, layer: int, module, source: HiddenStates, target: HiddenStates):
-        """One pass over the chunks: the layer's outputs for the next layer, the expert statistics, and
-        the MoE block's inputs and outputs on the last chunk, against which compressed blocks are scored.
+        """The layer's outputs for the next layer, the expert statistics, and the MoE block's inputs and outputs
+        on the last chunk, against which compressed blocks are scored, expert-major: each expert crosses to the
+        device once per layer, not once per chunk.
 
-        With `--method auto` that chunk is held aside from the statistics, so the choice is judged on
+        1. The layer runs on every chunk with its experts taped (`ExpertStream.tape`): the MoE inputs and the
+           routing are kept (`RoutedTokens`), on the device when the plan finds room.
+        2. Each expert is loaded once and runs on every chunk (`ExpertStream.sweep`), adding to the statistics
+           on the device and to each chunk's routed output.
+        3. The layer runs again on each chunk with those outputs replayed, for the next layer's inputs. Running
+           attention and router twice costs little next to the experts (2-3% of the layer's FLOPs at
+           Mixtral-8x7B's sizes, `streammerge plan`), and it needs nothing of a family but its own layer.
+
+        With `--method auto` the last chunk is held aside from the statistics, so the choice is judged on
         tokens it was not made from.
         """
-        stats = ExpertStatistics(self.num_experts, self.config.hidden_size)
+        stream = self.spec.moe_block(module).experts
+        stats = ExpertStatistics(self.num_experts, self.config.hidden_size, self.device)
         scored = len(self.chunks) - 1
-        held_aside = self.options.method == "auto" and len(self.chunks) > 1
-        current, block, sampled, outputs = {}, {}, [], []
+        counted = range(scored if self.options.method == "auto" and len(self.chunks) > 1 else len(self.chunks))
+        tokens = RoutedTokens(self.num_experts, self.device, self.placement.tokens_on_device)
+        stream.tape, stream.max_rows = tokens, self.placement.max_rows
+        try:
+            for c in tqdm(range(len(self.chunks)), desc=f"layer {layer} routing", leave=False, disable=None):
+                self.runner.forward(module, layer, source.read(c, self.device))
+        finally:
+            stream.tape = None
+        for c in counted:
+            stats.add_routing(tokens[c])
+        sampled: list[list[torch.Tensor]] = [[] for _ in self.chunks]
+        outputs = []
 
-        def observe(expert, x, y, top_k_index, top_k_weights):
-            self.overlap(layer)
-            if current["chunk"] == scored:
-                outputs.append(y[scored_rows(x)].to("cpu", copy=True))
-                if held_aside:
-                    return
-            rows = slice(None, None, max(1, x.shape[0] // SAMPLED_TOKENS_PER_CHUNK))
-            if expert == 0:
-                stats.add_routing(top_k_index)
-            stats.add_expert(expert, y, top_k_index, top_k_weights)
-            sampled.append(y[rows].clone())  # a strided view would keep all of y alive
-            if expert == self.num_experts - 1:
-                stats.add_sample(x[rows], torch.stack(sampled))
-                sampled.clear()
+        def observe(expert, chunk, y):
+            if chunk == 0:
+                self.overlap(layer)
+            if chunk == scored:
+                outputs.append(y[scored_rows(y)].clone())
+            if chunk in counted:
+                stats.add_expert(expert, y, tokens[chunk])
+                sampled[chunk].append(y[sampled_rows(y)].clone())  # a strided view would keep all of y alive
 
+        combined = stream.sweep(tokens, observe)
+        for c in counted:
+            x = tokens[c].x
+            stats.add_sample(x[sampled_rows(x)], torch.stack(sampled[c]))
+        del sampled, tokens
+        block = {}
         moe = self.spec.moe_block(module)
         hooks = [moe.register_forward_pre_hook(lambda _, args: block.update(x=args[0])),
                  moe.register_forward_hook(lambda _, args, out: block.update(y=out[0] if isinstance(out, tuple) else out))]
-        moe.experts.observer = observe
+        propagating = self.options.propagate == "original"
+        replayed = range(len(self.chunks)) if propagating else [scored]  # "merged": only the scored block's output
+        stream.replay = iter(combined[c] for c in replayed)
         try:
-            for c in tqdm(range(len(self.chunks)), desc=f"layer {layer} statistics", leave=False, disable=None):
-                current["chunk"] = c
+            for c in tqdm(replayed, desc=f"layer {layer} outputs", leave=False, disable=None):
                 out = self.runner.forward(module, layer, source.read(c, self.device))
-                if self.options.propagate == "original":
+                if propagating:
                     self.write_hidden(target, c, out)
         finally:
-            moe.experts.observer = None
+            stream.replay = None
             for hook in hooks:
                 hook.remove()
         hidden = self.config.hidden_size
         x, y = (block[k].reshape(-1, hidden) for k in "xy")
-        return stats, Held(x[scored_rows(x)].to("cpu", copy=True), y[scored_rows(y)].to("cpu", copy=True), outputs)
+        held = Held(x[scored_rows(x)].to("cpu", copy=True), y[scored_rows(y)].to("cpu", copy=True),
+                    [o.to("cpu") for o in outputs])
+        return stats.to_host(), held
 
     def candidates(self, stats: ExpertStatistics) -> dict[str, list[list[int]]]:
         opts = self.options
@@ -473,9 +549,10 @@ def run(model_dir: Path, out_dir: Path, options: RunOptions) -> dict:
     from .plan import estimate, planned_device, preflight  # plan imports this module
 
     _reuse_freed_blocks()
+    deterministic(resolve_device(options.device))
     state = Run(model_dir, out_dir, options)
-    preflight(estimate(state.spec, state.config, state.model.tensor_table, options, planned_device(options.device)),
-              state.out_dir)
+    state.placement = preflight(estimate(state.spec, state.config, state.model.tensor_table, options,
+                                         planned_device(options.device)), state.out_dir, state.device)
     status = state.journal.open(state.signature_fields(), state.output_files(), state.num_layers, options.restart)
     if status == "complete":
         log.info("%s already holds this run's complete output; nothing to do", out_dir)
@@ -504,6 +581,12 @@ def record_perplexity(model_dir: Path, out_dir: Path, options: RunOptions) -> No
     provenance = json.loads((out_dir / PROVENANCE).read_text())
     provenance["perplexity"] = {"text": Path(options.eval_text).name, **result}
     save_json(out_dir / PROVENANCE, provenance)
+
+
+def out_of_memory(exc: torch.OutOfMemoryError, where: str, then: str) -> DeviceMemoryError:
+    """The one-line error for a device out of memory: what it tried and which options lower the need."""
+    detail = " ".join(str(exc).split(". ")[:2]).split("\n")[0].rstrip(".")
+    return DeviceMemoryError(f"out of GPU memory in {where} ({detail}): lower --batch or --seqlen {then}")
 
 
 def _saved(state: Run, saving: Future) -> dict:
@@ -541,6 +624,9 @@ def _loop(state: Run) -> None:
         raise Interrupted(
             f"interrupted during layer {layer}; finished layers are saved: re-run the same command to resume"
         ) from None
+    except torch.OutOfMemoryError as exc:
+        raise out_of_memory(exc, f"layer {layer}", "and re-run with --restart, or free GPU memory and re-run the "
+                            "same command to resume after the finished layers") from None
     finally:  # no write may still be under way when the error is reported
         state.overlapping.set()
         state.writer.shutdown(wait=True)

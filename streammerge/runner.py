@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import copy
+import re
+from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from transformers import AutoModelForCausalLM
 
 from .arch import ArchSpec
-from .checkpoint import materialize, release_pages
+from .checkpoint import Deferred, materialize, release_pages
 from .errors import CheckpointError
+from .routed import RoutedTokens
 
 
 def split_layer(spec: ArchSpec, config, layer: int, tensors: dict[str, torch.Tensor]):
@@ -82,25 +86,30 @@ def reduced_config(spec: ArchSpec, config, num_experts: int):
 
 def load_layer(spec: ArchSpec, config, layer: int, tensors: dict[str, torch.Tensor],
                device: torch.device | None = None, dtype: torch.dtype | None = None,
-               expert_buffers: dict | None = None) -> nn.Module:
+               expert_buffers: dict | None = None, kept_fp32: tuple[str, ...] = (),
+               uploader: "Uploader | None" = None) -> nn.Module:
     """transformers' layer built on meta and filled strictly from `tensors`.
 
     Routed experts are replaced by an `ExpertStream` over their (CPU, memory-mapped) tensors, computing in
     `expert_buffers` (see `ExpertStream`). Without a device the tensors may be meta too: that checks every
-    name and shape of a layer without reading a byte of weights.
+    name and shape of a layer without reading a byte of weights. Tensors matching a pattern of `kept_fp32`
+    (`fp32_patterns`) stay float32 whatever `dtype`, as in transformers' own model.
     """
-    with torch.device("meta"):
+    with torch.device("meta"), _default_dtype(dtype):
         module = spec.layer_class_for(config, layer)(config, layer)
     state, experts = split_layer(spec, config, layer, tensors)
     if experts:
         block = spec.moe_block(module)
         buffers = {} if expert_buffers is None else expert_buffers
-        block.experts = stream = ExpertStream(type(block.experts), spec, config, experts, device, dtype, buffers)
+        block.experts = stream = ExpertStream(type(block.experts), spec, config, experts, device, dtype, buffers,
+                                              uploader)
         if spec.scaled_input_experts:  # the stream needs the block's input and the router's scores
             block.register_forward_pre_hook(lambda _, args: stream.__dict__.update(block_input=args[0]))
             block.router.register_forward_hook(lambda _, args, out: stream.__dict__.update(scores=out[0]))
     if device is not None:
-        state = {k: to_device(materialize(t), device, dtype) for k, t in state.items()}
+        declared = {n: t.dtype for n, t in [*module.named_parameters(), *module.named_buffers()]}
+        state = {k: to_device(materialize(t), device, _dtype_of(k, declared.get(k, dtype), dtype, kept_fp32))
+                 for k, t in state.items()}
     try:
         module.load_state_dict(state, strict=True, assign=True)
         if device is None and experts:
@@ -116,6 +125,43 @@ def load_layer(spec: ArchSpec, config, layer: int, tensors: dict[str, torch.Tens
     return module.eval()
 
 
+def fp32_patterns(model: nn.Module, dtype: torch.dtype) -> tuple[str, ...]:
+    """What transformers keeps in float32 when it loads `model` in `dtype`: its `_keep_in_fp32_modules_strict`
+    (routers, e_score_correction_bias) in float16 and bfloat16, its `_keep_in_fp32_modules` in float16."""
+    if hasattr(model, "_get_dtype_plan"):
+        return tuple(model._get_dtype_plan(dtype))
+    strict = model._keep_in_fp32_modules_strict if dtype in (torch.float16, torch.bfloat16) else None
+    loose = model._keep_in_fp32_modules if dtype == torch.float16 else None
+    return (*(strict or ()), *(loose or ()))
+
+
+def _dtype_of(name: str, declared: torch.dtype, dtype: torch.dtype, kept_fp32: tuple[str, ...]) -> torch.dtype:
+    """A layer tensor's dtype as transformers loads it in `dtype`: what the layer class declares explicitly
+    (hunyuan's router), float32 where the model's dtype plan says so, else `dtype`."""
+    if declared != dtype and declared.is_floating_point:
+        return declared
+    return torch.float32 if _matches(name, kept_fp32) else dtype
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype | None):
+    """Build under the compute dtype as transformers builds under the model's, so that a tensor a class creates
+    with an explicit other dtype shows it."""
+    previous = torch.get_default_dtype()
+    if dtype is not None and dtype.is_floating_point:
+        torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+    """transformers' matching of its dtype plan: each pattern a regular expression searched in the name, `*`
+    standing for anything."""
+    return any(re.search(p.replace("*", ".*"), name) for p in patterns)
+
+
 def to_device(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """Host to device. For CUDA the bytes go through pinned memory with a non-blocking copy, so the transfer
     runs at full PCIe speed and queues behind the compute already on the stream instead of stalling the host.
@@ -129,25 +175,76 @@ def to_device(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) ->
     return out
 
 
+class Uploader:
+    """Experts' parts to a CUDA device through two preallocated pinned staging sets on a copy stream, so that
+    one expert's upload overlaps the compute of the one before it.
+
+    `upload` fills a slot's pinned buffers on the host (waiting only for that slot's previous copy, two experts
+    back) and queues their copy to the slot's device buffers on the copy stream; `take` makes the compute
+    stream wait for it without stopping the host; `release` marks the slot's device buffers free once the
+    compute stream has converted them.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+        self.staging: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[], []]  # (pinned, device) per piece
+        self.uploaded: list[torch.cuda.Event | None] = [None, None]
+        self.used: list[torch.cuda.Event | None] = [None, None]
+
+    def upload(self, slot: int, tensors: list[torch.Tensor]) -> None:
+        if self.uploaded[slot] is not None:
+            self.uploaded[slot].synchronize()  # the copy stream only: the compute keeps running
+        buffers = self.staging[slot]
+        if [(p.shape, p.dtype) for p, _ in buffers] != [(t.shape, t.dtype) for t in tensors]:
+            buffers[:] = [(torch.empty(t.shape, dtype=t.dtype, pin_memory=True),
+                           torch.empty(t.shape, dtype=t.dtype, device=self.device)) for t in tensors]
+        for (pinned, _), tensor in zip(buffers, tensors):
+            pinned.copy_(tensor)
+            release_pages(tensor)
+        with torch.cuda.stream(self.stream):
+            if self.used[slot] is not None:
+                self.stream.wait_event(self.used[slot])
+            for pinned, on_device in buffers:
+                on_device.copy_(pinned, non_blocking=True)
+            self.uploaded[slot] = self.stream.record_event()
+
+    def take(self, slot: int) -> list[torch.Tensor]:
+        torch.cuda.current_stream(self.device).wait_event(self.uploaded[slot])
+        return [on_device for _, on_device in self.staging[slot]]
+
+    def release(self, slot: int) -> None:
+        self.used[slot] = torch.cuda.current_stream(self.device).record_event()
+
+
+def _sources(tensor) -> list[torch.Tensor]:
+    """What a `Deferred` tensor is computed from, when the device can compute it (block-FP8 weights)."""
+    return list(tensor.sources) if isinstance(tensor, Deferred) and tensor.compute is not None else []
+
+
 class ExpertStream(nn.Module):
     """Stands in for transformers' experts module, with one expert on the device at a time.
 
-    Each expert runs on every token through a one-expert instance of transformers' own experts class
-    (so its math is the model's), and the routed combination is returned as the layer expects. Every
-    expert's output on all tokens is what the statistics need anyway, so `observer(expert, x, y,
-    top_k_index, top_k_weights)` sees each one and nothing is computed twice. The routing it gets is
-    the one the family's own router computed.
+    Three uses. At inference (eval, scoring candidates) each expert runs on the tokens routed to it, through a
+    one-expert instance of transformers' own experts class, so its math is the model's. For the statistics
+    (`sweep`) the layer runs first with `tape` set: the experts' inputs and routing of every chunk are kept
+    and zeros returned; then each expert is loaded once and runs on every token of every chunk, which the
+    statistics need anyway, summing the routed output; the layer then runs again with those outputs in
+    `replay`, returned chunk by chunk instead of computing anything.
 
     The one expert's weights live in buffers of the compute dtype, which each expert's parts are copied (and
     converted) into, and the parts' mapped pages are released right after. The buffers come from `buffers`
     (keyed by name and shape), which the caller keeps across layers: allocated once per run, not per layer,
-    since fresh memory costs a page fault per page on first touch (half a second per Mixtral layer).
+    since fresh memory costs a page fault per page on first touch (half a second per Mixtral layer). On CUDA
+    the parts come through `uploader`, the next expert's while this one computes.
 
     `known` maps experts to their outputs already computed on this module's input rows, which are then used
-    instead of running the expert (scoring a pruned layer costs no expert computation).
+    instead of running the expert (scoring a pruned layer costs no expert computation). `max_rows` caps the
+    tokens of one expert call, when the device cannot hold a whole chunk's activations.
     """
 
-    def __init__(self, experts_class, spec: ArchSpec, config, experts: list[dict], device, dtype, buffers: dict):
+    def __init__(self, experts_class, spec: ArchSpec, config, experts: list[dict], device, dtype, buffers: dict,
+                 uploader: Uploader | None = None):
         super().__init__()
         with torch.device("meta"):
             one = experts_class(reduced_config(spec, config, 1))
@@ -159,9 +256,13 @@ class ExpertStream(nn.Module):
         self.device = device
         self.dtype = dtype
         self.buffers = buffers
+        self.uploader = uploader
+        self.uploading: dict[int, int] = {}  # slot -> expert
         self.state: dict[str, torch.Tensor] | None = None
-        self.observer = None
         self.known: dict[int, torch.Tensor] = {}
+        self.tape: RoutedTokens | None = None
+        self.replay = None  # an iterator over the chunks' routed outputs
+        self.max_rows: int | None = None
 
     def _fill(self, state: dict[str, torch.Tensor], expert: int, copy) -> None:
         covered = set()
@@ -181,17 +282,41 @@ class ExpertStream(nn.Module):
         for expert in range(len(self.experts)):
             self._fill(state, expert, lambda target, tensor: None)
 
+    def prefetch(self, expert: int) -> None:
+        """Start the expert's upload (CUDA); `_load` then waits for it on the device only."""
+        if self.uploader is not None and self.uploading.get(expert % 2) != expert:
+            uploads = []
+            for _, _, tensor in self.spec.expert_pieces(self.experts[expert]):
+                # FP8: its bytes and scales go, and the device dequantizes; merged experts are made here
+                uploads += _sources(tensor) or [materialize(tensor)]
+            self.uploader.upload(expert % 2, uploads)
+            self.uploading[expert % 2] = expert
+
     def _load(self, expert: int) -> None:
         if self.state is None:
             self.state = {name: self._buffer(name, t.shape) for name, t in self.one.state_dict().items()}
             self.one.load_state_dict(self.state, strict=True, assign=True)
+        if self.uploader is None:
+            def copy(target, tensor):
+                tensor = materialize(tensor)  # merged experts are Deferred
+                target.copy_(tensor)
+                release_pages(tensor)
 
-        def copy(target, tensor):
-            tensor = materialize(tensor)  # merged experts are Deferred
-            target.copy_(tensor.pin_memory() if target.is_cuda and not tensor.is_cuda else tensor, non_blocking=True)
-            release_pages(tensor)
+            self._fill(self.state, expert, copy)
+        else:
+            self.prefetch(expert)
+            uploaded = iter(self.uploader.take(expert % 2))
 
-        self._fill(self.state, expert, copy)
+            def copy(target, tensor):
+                if _sources(tensor):
+                    target.copy_(tensor.compute(*(next(uploaded) for _ in tensor.sources)))
+                else:
+                    target.copy_(next(uploaded))
+
+            self._fill(self.state, expert, copy)
+            self.uploader.release(expert % 2)
+            del self.uploading[expert % 2]
+        self.buffers["loaded"] = (id(self), expert)
 
     def _buffer(self, name: str, shape: torch.Size) -> torch.Tensor:
         key = (name, tuple(shape))
@@ -199,56 +324,110 @@ class ExpertStream(nn.Module):
             self.buffers[key] = torch.empty(shape, device=self.device, dtype=self.dtype)
         return self.buffers[key]
 
+    def every_token(self, x: torch.Tensor) -> torch.Tensor:
+        """The loaded expert on every row of `x` [N, H], in sub-batches of `max_rows`."""
+        if self.max_rows is None or x.shape[0] <= self.max_rows:
+            return self._every_token(x)
+        out = torch.empty_like(x)
+        for start in range(0, x.shape[0], self.max_rows):
+            out[start:start + self.max_rows] = self._every_token(x[start:start + self.max_rows])
+        return out
+
+    def _every_token(self, x: torch.Tensor) -> torch.Tensor:
+        """The operations transformers' eager experts forward applies to the rows routed to an expert, on all
+        rows, following the layout its experts class declares (`use_experts_implementation`: transposed or
+        not, biases, the class's own `_apply_gate`). The eager forward would find the routed rows with
+        `nonzero` and `where`, each a host sync; with every row routed with weight 1, its gathering, scaling
+        and `index_add_` change no bit. A class without that declaration (llama4's) is called directly."""
+        one = self.one
+        if self.spec.scaled_input_experts:
+            return one(x)
+        if not hasattr(one, "has_gate"):
+            index = torch.zeros((x.shape[0], 1), device=x.device, dtype=torch.long)
+            return one(x, index, torch.ones((x.shape[0], 1), device=x.device, dtype=x.dtype))
+
+        def linear(h, weight, bias):
+            h = h @ weight if one.is_transposed else F.linear(h, weight)
+            return h if bias is None else h + bias[0]
+
+        up = "gate_up_proj" if one.has_gate else "up_proj"
+        h = linear(x, getattr(one, up)[0], getattr(one, f"{up}_bias") if one.has_bias else None)
+        h = one._apply_gate(h) if one.has_gate else one.act_fn(h)
+        out = linear(h, one.down_proj[0], one.down_proj_bias if one.has_bias else None)
+        return one.post_expert_norm(out) if one.has_post_expert_norm else out
+
     def output(self, expert: int, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Expert `expert` applied to every row of `x` [N, H] (which are the input's `rows`, if given)."""
         if expert in self.known and rows is not None:  # kept on the host: only the rows asked for move
             return self.known[expert][rows.cpu()].to(x.device, non_blocking=True)
-        self._load(expert)
-        if self.spec.scaled_input_experts:  # llama4's experts take no routing arguments
-            return self.one(x)
-        index = torch.zeros((x.shape[0], 1), device=x.device, dtype=torch.long)
-        weight = torch.ones((x.shape[0], 1), device=x.device, dtype=x.dtype)
-        return self.one(x, index, weight)
+        if self.buffers.get("loaded") != (id(self), expert):  # the buffers are shared by the layers' streams
+            self._load(expert)
+        return self.every_token(x)
+
+    def sweep(self, tokens: RoutedTokens, observe) -> list[torch.Tensor]:
+        """Each expert loaded once and run on every chunk of `tokens`; `observe(expert, chunk, output)` sees
+        each output on every token. Returns each chunk's routed output, summed in expert order over the
+        routed rows only (an unrouted token's output, inf in float16, is never multiplied by its 0 gate).
+
+        Nothing here waits for the device: the index lists come with the chunks, and the next expert's upload
+        is queued after this one's compute, so the host copies it while the device computes."""
+        combined = [torch.zeros_like(tokens[c].x) for c in range(len(tokens))]
+        self.prefetch(0)
+        for expert in range(len(self.experts)):
+            self._load(expert)
+            for c in range(len(tokens)):
+                chunk = tokens[c]
+                y = self.every_token(chunk.x)
+                observe(expert, c, y)
+                rows, gate = chunk.rows[expert], chunk.gates[expert].unsqueeze(-1)
+                if self.spec.scaled_input_experts:  # llama4 scales the chosen tokens' inputs, not the outputs
+                    routed = self.every_token(chunk.x[rows] * gate.to(chunk.x.dtype))
+                else:
+                    routed = y[rows] * gate
+                combined[c].index_add_(0, rows, routed.to(combined[c].dtype))
+            if expert + 1 < len(self.experts):
+                self.prefetch(expert + 1)
+        return combined
 
     def forward_scaled(self, routed_in: torch.Tensor) -> torch.Tensor:
         """llama4: `routed_in` [E·N, H] holds every token once per expert, scaled by that expert's score (0 when
-        not chosen, and an expert maps 0 to 0). Only the chosen rows run; observed, every expert also runs on the
-        unscaled block input, and the routing reported is the router's top-k with its scores."""
+        not chosen, and an expert maps 0 to 0). Only the chosen rows run. Taped, the block's unscaled input
+        and the router's top-k with its scores are kept; replayed, the sum comes back in the first expert's
+        rows, which the block sums over the experts."""
         count = len(self.experts)
         routed = routed_in.view(count, -1, routed_in.shape[-1])
         out = torch.zeros_like(routed)
         scores = self.scores  # [N, E]: sigmoid of the top-k logits, 0 elsewhere
-        top_k_index = top_k_weights = x = None
-        if self.observer is not None:
-            x = self.block_input.reshape(-1, routed_in.shape[-1])
+        if self.tape is not None:
             top_k_weights, top_k_index = scores.topk(self.top_k, dim=-1)
-        for expert in range(count):
-            rows = (scores[:, expert] > 0).nonzero().squeeze(-1)
-            if rows.numel():
-                out[expert, rows] = self.output(expert, routed[expert, rows]).to(out.dtype)
-            if self.observer is not None:
-                self.observer(expert, x, self.output(expert, x), top_k_index, top_k_weights)
+            self.tape.add(self.block_input.reshape(-1, routed_in.shape[-1]), top_k_index, top_k_weights)
+        elif self.replay is not None:
+            out[0] = next(self.replay)
+        else:
+            for expert in range(count):
+                rows = (scores[:, expert] > 0).nonzero().squeeze(-1)
+                if rows.numel():
+                    out[expert, rows] = self.output(expert, routed[expert, rows]).to(out.dtype)
         return out.view(-1, routed_in.shape[-1])
 
     def forward(self, x: torch.Tensor, top_k_index: torch.Tensor | None = None,
                 top_k_weights: torch.Tensor | None = None) -> torch.Tensor:
-        """Observed: every expert on every token (the statistics need them all). Otherwise only the
-        tokens routed to each expert, as inference does."""
+        """Taped: kept, zeros returned; replayed: the next chunk's routed output; otherwise only the tokens
+        routed to each expert run, as inference does."""
         if self.spec.scaled_input_experts:
             return self.forward_scaled(x)
+        if self.tape is not None:
+            self.tape.add(x, top_k_index, top_k_weights)
+            return torch.zeros_like(x)
+        if self.replay is not None:
+            return next(self.replay)
         combined = torch.zeros_like(x)
         for expert in range(len(self.experts)):
             chosen = top_k_index == expert
-            if self.observer is None:
-                rows = chosen.any(-1).nonzero().squeeze(-1)
-                if rows.numel():
-                    gate = (top_k_weights[rows] * chosen[rows]).sum(-1, keepdim=True)
-                    combined.index_add_(0, rows, (self.output(expert, x[rows], rows) * gate).to(combined.dtype))
-                continue
-            y = self.output(expert, x)
-            self.observer(expert, x, y, top_k_index, top_k_weights)
-            gate = (top_k_weights * chosen).sum(-1, keepdim=True)
-            combined += (y * gate).to(combined.dtype)
+            rows = chosen.any(-1).nonzero().squeeze(-1)
+            if rows.numel():
+                gate = (top_k_weights[rows] * chosen[rows]).sum(-1, keepdim=True)
+                combined.index_add_(0, rows, (self.output(expert, x[rows], rows) * gate).to(combined.dtype))
         return combined
 
 
@@ -284,10 +463,13 @@ class LayerRunner:
         self._context: dict[tuple[int, int], dict] = {}
         self._base = None
         self._expert_buffers: dict = {}  # shared by every layer this runner builds
+        self.uploader = Uploader(device) if device.type == "cuda" else None
 
     def build(self, layer: int, tensors: dict[str, torch.Tensor], config=None) -> nn.Module:
         config = self.config if config is None else runtime_config(config, self.spec.attn_implementation)
-        return load_layer(self.spec, config, layer, tensors, self.device, self.dtype, self._expert_buffers)
+        self._meta_model()
+        return load_layer(self.spec, config, layer, tensors, self.device, self.dtype, self._expert_buffers,
+                          self._kept_fp32, self.uploader)
 
     def embed(self, ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         """Layer 0's input: the embedding lookup, scaled where the family scales it (granite)."""
@@ -311,6 +493,7 @@ class LayerRunner:
                     self._norm = (name, child)
                     setattr(base, name, nn.Identity())  # the final norm: never reached by the layers
             base.calls = calls
+            self._kept_fp32 = fp32_patterns(model, self.dtype)
             self._base = base
         return self._base
 

@@ -16,7 +16,7 @@ from streammerge.errors import InputError, UnsupportedArchitectureError
 from streammerge.model import Model
 from streammerge.pipeline import Run, RunOptions, run
 from streammerge.runner import LayerRunner
-from tiny_models import FAMILIES, MORE_FAMILIES, VISION
+from tiny_models import FAMILIES, MORE_FAMILIES, VISION, fp8_blocks
 
 OPTIONS = dict(samples=4, seqlen=16, batch=2, ratio=0.5, device="cpu", method="hcsmoe")
 TESTED = sorted(f for f in MORE_FAMILIES if f in ARCHITECTURES)
@@ -168,21 +168,10 @@ def test_quantized_checkpoints_are_refused_with_the_fix(tiny_models, tmp_path):
         Model.open(directory)
 
 
-def _fp8_blocks(weight, block=(128, 128)):
-    """DeepSeek-V3's format: e4m3 weights and one float32 scale per block (amax / 448)."""
-    rows, columns = weight.shape
-    padded = torch.zeros(-(-rows // block[0]) * block[0], -(-columns // block[1]) * block[1])
-    padded[:rows, :columns] = weight.float()
-    blocks = padded.view(padded.shape[0] // block[0], block[0], padded.shape[1] // block[1], block[1])
-    scale = (blocks.abs().amax(dim=(1, 3)) / 448).clamp(min=1e-12)
-    expanded = scale.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)[:rows, :columns]
-    return (weight.float() / expanded).to(torch.float8_e4m3fn), scale
-
-
 def test_fp8_dequantization_row_by_row_equals_the_whole_tensor_formula():
     from streammerge.arch import dequantize_fp8
 
-    weight, scale = _fp8_blocks(torch.randn(300, 200))  # ragged blocks in both dimensions
+    weight, scale = fp8_blocks(torch.randn(300, 200))  # ragged blocks in both dimensions
     whole = scale.repeat_interleave(128, 0)[:300].repeat_interleave(128, 1)[:, :200]
     assert torch.equal(dequantize_fp8(weight, scale, (128, 128), torch.bfloat16),
                        (weight.float() * whole).to(torch.bfloat16))
@@ -206,7 +195,7 @@ def test_block_fp8_checkpoints_are_dequantized_on_read(tiny_models, tmp_path):
     quantized, dequantized = {}, {}
     for name, tensor in tensors.items():
         if name.startswith("model.layers.") and tensor.dim() == 2 and not name.endswith("mlp.gate.weight"):
-            weight, scale = _fp8_blocks(tensor)
+            weight, scale = fp8_blocks(tensor)
             quantized[name], quantized[name + "_scale_inv"] = weight, scale
             dequantized[name] = dequantize_fp8(weight, scale, (128, 128), tensor.dtype)
         else:

@@ -134,22 +134,22 @@ def test_a_failed_background_save_stops_the_run_at_the_next_expert(tiny_models, 
     model_dir = tiny_models("mixtral")
     experts = json.loads((model_dir / "config.json").read_text())["num_local_experts"]
     layer, ran = [None], []
-    real_process, real_output = Run.process, ExpertStream.output
+    real_process, real_output = Run.process, ExpertStream.every_token
 
     def process(self, index):
         layer[0] = index
         return real_process(self, index)
 
-    def slow_output(self, expert, x, rows=None):
+    def slow_output(self, x):
         time.sleep(0.05)  # time for the failing save to fail while layer 1 computes
         ran.append(layer[0])
-        return real_output(self, expert, x, rows)
+        return real_output(self, x)
 
     def full_disk(path, tensors):
         raise InsufficientResourcesError(f"disk full while writing {path}: free space and re-run")
 
     monkeypatch.setattr(Run, "process", process)
-    monkeypatch.setattr(ExpertStream, "output", slow_output)
+    monkeypatch.setattr(ExpertStream, "every_token", slow_output)
     monkeypatch.setattr(Run, "stage", staticmethod(full_disk))
     with pytest.raises(InsufficientResourcesError, match="disk full while writing"):
         run(model_dir, tmp_path / "out", RunOptions(ratio=0.5, samples=4, seqlen=16, batch=2, device="cpu"))

@@ -1,7 +1,9 @@
 """End-to-end `run` on tiny models of each family, checked against the in-memory reference."""
 
+import hashlib
 import json
 import os
+from collections import Counter
 import resource
 import threading
 import time
@@ -9,6 +11,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from reference import hcsmoe
@@ -17,8 +20,9 @@ from streammerge import pipeline
 from streammerge.arch import ARCHITECTURES
 from streammerge.calibration import DEFAULT_TEXT, sample_windows
 from streammerge.checkpoint import CheckpointReader
+from streammerge.cli import main
 from streammerge.pipeline import Run, RunOptions, run
-from streammerge.runner import reduced_config
+from streammerge.runner import ExpertStream, reduced_config
 from test_make_synthetic import make_synthetic, shrunken_config
 
 OPTIONS = dict(samples=6, seqlen=32, batch=4, ratio=0.5, device="cpu", method="hcsmoe", feature="mean-output")
@@ -186,3 +190,68 @@ def test_finished_layers_leave_the_page_cache(tmp_path):
         assert cached_bytes(shard) <= shard.stat().st_size / 20, layer  # the summary reads the headers back
 
 
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])  # per-expert tensors; fused (and group-limited)
+def test_each_expert_is_read_once_per_layer_whatever_the_chunks(tiny_models, tmp_path, monkeypatch, family):
+    """Four chunks, and still each expert's tensors are read from the checkpoint, converted (and on CUDA
+    uploaded) once per MoE layer for the statistics, not once per chunk."""
+    loads, measuring = Counter(), []
+    real_measure, real_fill = Run.measure, ExpertStream._fill
+
+    def measure(self, layer, *args):
+        measuring.append(layer)
+        try:
+            return real_measure(self, layer, *args)
+        finally:
+            measuring.clear()
+
+    def fill(self, state, expert, copy):
+        if measuring and not state[next(iter(state))].is_meta:
+            loads[measuring[0], expert] += 1
+        return real_fill(self, state, expert, copy)
+
+    monkeypatch.setattr(Run, "measure", measure)
+    monkeypatch.setattr(ExpertStream, "_fill", fill)
+    options = RunOptions(**{**OPTIONS, "samples": 4, "seqlen": 16, "batch": 1})
+    state = Run(tiny_models(family), tmp_path / "out", options)
+    run(tiny_models(family), tmp_path / "out", options)
+    assert len(state.chunks) == 4
+    assert loads == Counter({(layer, e): 1 for layer in state.moe_layers for e in range(state.num_experts)})
+
+
+def _hashes(directory):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.glob("*.safetensors"))}
+
+
+def test_device_out_of_memory_is_one_line_exit_2_and_the_run_resumes(tiny_models, tmp_path, monkeypatch):
+    model_dir = tiny_models("mixtral")
+    args = ["run", str(model_dir), str(tmp_path / "out"), "--ratio", "0.5", "--samples", "4", "--seqlen", "16",
+            "--batch", "2", "--device", "cpu"]
+    real, real_measure = ExpertStream.every_token, Run.measure
+    layers = []
+
+    def measure(self, layer, *args):
+        layers.append(layer)
+        return real_measure(self, layer, *args)
+
+    def short_of_memory(self, x):
+        if layers[-1] == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+                                         "capacity of 23.64 GiB of which 1.20 GiB is free.\nDetails follow")
+        return real(self, x)
+
+    monkeypatch.setattr(Run, "measure", measure)
+    monkeypatch.setattr(ExpertStream, "every_token", short_of_memory)
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert result.output.splitlines() == [
+        "error: out of GPU memory in layer 1 (CUDA out of memory Tried to allocate 2.00 GiB): lower --batch or "
+        "--seqlen and re-run with --restart, or free GPU memory and re-run the same command to resume after the "
+        "finished layers"]
+    monkeypatch.setattr(ExpertStream, "every_token", real)
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert layers[-2:] == [1, 2]  # resumed after layer 0
+    clean = CliRunner().invoke(main, [*args[:2], str(tmp_path / "clean"), *args[3:]])
+    assert clean.exit_code == 0 and _hashes(tmp_path / "out") == _hashes(tmp_path / "clean")

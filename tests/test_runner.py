@@ -1,10 +1,13 @@
 """The one-layer runner reproduces transformers' full forward, layer by layer."""
 
+import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
+from streammerge.arch import ARCHITECTURES
 from streammerge.model import Model
 from streammerge.runner import LayerRunner
+from tiny_models import FAMILIES, MORE_FAMILIES, VISION
 
 
 def test_layers_match_full_forward(tiny_models, family):
@@ -22,3 +25,45 @@ def test_layers_match_full_forward(tiny_models, family):
         last = layer == model.config.num_hidden_layers - 1
         got = full.model.norm(hidden) if last else hidden  # transformers' last hidden state is normed
         assert (got - expected[layer + 1]).abs().max().item() <= 1e-5, f"layer {layer}"
+
+
+ALL_FAMILIES = sorted(set(FAMILIES) | {f for f in MORE_FAMILIES if f in ARCHITECTURES})
+
+
+@pytest.mark.parametrize("name", ALL_FAMILIES)
+def test_an_expert_on_every_token_is_the_eager_forward_bit_for_bit(tiny_models, name):
+    """The statistics run each expert on every token without transformers' routing (whose nonzero and where
+    stop the host for the device); that must change no bit of what its own eager forward computes."""
+    model = Model.open(tiny_models(name))
+    runner = LayerRunner(model.spec, model.config, torch.device("cpu"), torch.float32)
+    layer = model.spec.moe_layers(model.config)[0]
+    stream = model.spec.moe_block(runner.build(layer, model.read(model.layer_names(layer)))).experts
+    x = torch.randn(40, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    stream._load(1)
+    if model.spec.scaled_input_experts:
+        expected = stream.one(x)
+    else:
+        expected = stream.one(x, torch.zeros(40, 1, dtype=torch.long), torch.ones(40, 1))
+    assert torch.equal(stream.every_token(x), expected)
+    stream.max_rows = 16  # sub-batched when the device is short of memory
+    assert torch.equal(stream.every_token(x), expected)
+
+
+@pytest.mark.parametrize("name", ALL_FAMILIES)
+def test_tensors_stay_float32_where_transformers_keeps_them(tiny_models, name):
+    """Computing in bfloat16, every layer tensor has the dtype transformers' own model gives it: routers and
+    e_score_correction_bias stay float32 where the family's class says so (`_keep_in_fp32_modules_strict`)."""
+    model_dir = tiny_models(name)
+    model = Model.open(model_dir)
+    loader = AutoModelForImageTextToText if name in VISION else AutoModelForCausalLM
+    full = loader.from_pretrained(model_dir, dtype=torch.bfloat16)
+    runner = LayerRunner(model.spec, model.config, torch.device("cpu"), torch.bfloat16)
+    for layer in range(model.config.num_hidden_layers):
+        ours = runner.build(layer, model.read(model.layer_names(layer)))
+        theirs = full.get_submodule(model.spec.layer_prefix(layer).rstrip("."))
+        expected = {n: t.dtype for n, t in [*theirs.named_parameters(), *theirs.named_buffers()]}
+        got = {n: t.dtype for n, t in [*ours.named_parameters(), *ours.named_buffers()]}
+        assert got == {n: expected[n] for n in got}, layer
+        kept = {n for n, dtype in expected.items() if dtype == torch.float32}
+        assert kept <= {n for n, dtype in got.items() if dtype == torch.float32} | {
+            n for n in kept if ".experts." in f".{n}"}, layer

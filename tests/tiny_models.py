@@ -143,3 +143,14 @@ def make_model(family: str, out_dir: Path, seed: int = 0, shard_size: str = "150
                     p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.1)
     model.save_pretrained(out_dir, max_shard_size=shard_size)
     return out_dir
+
+
+def fp8_blocks(weight, block=(128, 128)):
+    """DeepSeek-V3's format: e4m3 weights and one float32 scale per block (amax / 448)."""
+    rows, columns = weight.shape
+    padded = torch.zeros(-(-rows // block[0]) * block[0], -(-columns // block[1]) * block[1])
+    padded[:rows, :columns] = weight.float()
+    blocks = padded.view(padded.shape[0] // block[0], block[0], padded.shape[1] // block[1], block[1])
+    scale = (blocks.abs().amax(dim=(1, 3)) / 448).clamp(min=1e-12)
+    expanded = scale.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)[:rows, :columns]
+    return (weight.float() / expanded).to(torch.float8_e4m3fn), scale
