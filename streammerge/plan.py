@@ -9,26 +9,36 @@ calibration tokens, H = hidden size, E = routed experts, K = experts kept, I = o
 S = SAMPLED_TOKENS_PER_CHUNK.
 
 Device peak. A layer's non-expert weights stay on the device while the routed experts go through it one at a
-time (runner.ExpertStream), so only the "routing" term grows with E, by O(E·(H + N)), never by expert weights:
+time (runner.ExpertStream), each once over every chunk, so only the "routing" term grows with E, by
+O(E·(H + N + S·chunks·H)), never by expert weights:
   non-expert weights  the largest layer's attention, norms and shared experts (a dense layer: all of it), × c
   one expert          the largest routed expert's gate, up and down projections, × c
+  uploads             on CUDA, two experts' parts in the weights' dtype w: the next expert uploads while this
+                      one computes (runner.Uploader)
   hidden states       the chunk's input and the layer's output, 2·N·H·c
+  routed tokens       every chunk's MoE inputs, T·H·c, and its top-k routing with the index lists made from it,
+                      T·k·24 (routed.RoutedTokens); in pinned host memory instead when the device lacks the
+                      room (`placement`)
+  routed outputs      every chunk's routed output, summed expert by expert, T·H·c
   scored block        the MoE block's input and output on the last chunk, kept to score the compressed
                       candidates, 2·N·H·c
   working set         the larger of two stages that never overlap:
                       attention: normed input, q, k and v (GQA expanded to every head) and the attention output,
-                      N·(H + 4·heads·head_dim)·c; sdpa never materializes the scores, eager adds batch·heads·seqlen²
-                      scores in c plus their float32 softmax;
-                      experts: the block's input, the routed sum, one expert's output and its gated copy, and the
-                      expert's gate/up output and activation, N·(4H + 3I)·c
+                      N·(H + 4·heads·head_dim)·c; sdpa never materializes the scores, eager (the family's own
+                      choice, gpt-oss) adds batch·heads·seqlen² scores in c plus their float32 softmax;
+                      experts: one expert call's gate/up output [N, 2I], the activation [N, I] and its
+                      product with up [N, I], 4·N·I·c (checked against a traced run in tests/test_plan.py); its
+                      output and the routed rows' copies after it, N·H·(1 + 2k/E)·c, are smaller in every
+                      family. Sub-batching an expert call over fewer tokens shrinks it (`placement`)
   routing             the router, E·H·c; its logits and probabilities in float32, N·E·8; and every expert's
-                      output on the S sampled tokens of a chunk, E·S·H·c
+                      output on the S sampled tokens of every chunk, E·S·chunks·H·c
   CUDA context        CUDA_CONTEXT_BYTES (driver, kernels, allocator slack), on CUDA only
 Host peak (RSS):
   baseline            HOST_BASELINE_BYTES: interpreter, torch and transformers imported
   reading             one expert's memory-mapped pages in the weights' dtype w, while it is copied to the device;
                       a layer's pages leave RSS as soon as they are used (checkpoint.release_pages). On CPU they
                       are gone before that expert runs, so they count in the working set's maximum instead
+  pinned staging      on CUDA, the uploads' two pinned host copies of an expert, in w, allocated once
   saving              the previous layer's shard is written meanwhile, one tensor at a time: a merged expert
                       projection, or for fused layouts the K kept experts stacked, in w (one expert: I·3H·w)
   hidden states       one chunk read from disk and one chunk written, 2·N·H·c
@@ -44,7 +54,8 @@ DISK_MARGIN of both for headers, journal and log.
 Work per layer: the statistics pass applies every 2-D weight to every token (attention, router, shared experts and
 all E experts on all T tokens: 2·T·numel FLOPs; the layer's output is summed from those same expert outputs), plus
 the attention scores QKᵀ and AV over full seqlen² windows, 4·T·seqlen·heads·head_dim (kernels that skip the causal
-half do less). --propagate merged adds a pass of the compressed layer with only the routed top-k experts per token.
+half do less); the layer then runs again without its experts for its outputs (`Run.measure`), which adds the
+non-expert matrices and the scores once more. --propagate merged adds a pass of the compressed layer with only the routed top-k experts per token.
 Scoring candidates on one chunk is left out. Bytes read: the layer's tensors and its input hidden states; written:
 its output shard and the next layer's hidden states.
 """
@@ -63,6 +74,7 @@ import torch
 from .arch import LAYER_PREFIX, ArchSpec
 from .errors import InputError, InsufficientResourcesError
 from .model import WEIGHT_SUFFIXES, Model, open_config
+from .routed import Placement
 from .pipeline import SAMPLED_TOKENS_PER_CHUNK, SCORED_TOKENS, RunOptions, resolve_dtype, target_experts
 
 HOST_BASELINE_BYTES = 500_000_000
@@ -70,6 +82,8 @@ CUDA_CONTEXT_BYTES = 500_000_000
 DISK_MARGIN = 0.05
 FLOAT32_BYTES = 4
 FLOAT64_BYTES = 8
+EXPERT_ACTIVATIONS = 4  # gate/up output (2·I), the activation (I) and its product with up (I), per token
+ROUTING_BYTES_PER_CHOICE = 24  # top-k index (int64) and weight (float32); its index list row (int64) and gate
 
 TensorTable = dict[str, tuple[torch.dtype, tuple[int, ...]]]
 
@@ -110,6 +124,8 @@ class Plan:
     disk: dict[str, int]
     largest_layer: Work
     whole_run: Work
+    expert_bytes_per_token: int = 0  # of the experts' working set: what sub-batching an expert call saves
+    chunk_tokens: int = 0
     source: str = "checkpoint headers"
 
     @property
@@ -162,9 +178,11 @@ def compressed_tensors(spec: ArchSpec, config, tensors: TensorTable, k: int) -> 
 
 
 def estimate(spec: ArchSpec, config, tensors: TensorTable, options: RunOptions, device: str,
-             attention: str = "sdpa") -> Plan:
+             attention: str | None = None) -> Plan:
     """The plan of `streammerge run` with `options` on a checkpoint with these tensors, computing on `device`
-    ("cuda" or "cpu"); `attention` is the layer's attention implementation (the runner uses sdpa)."""
+    ("cuda" or "cpu"); `attention` is the layer's attention implementation, by default the family's own
+    (the runner's)."""
+    attention = attention or spec.attn_implementation
     if min(options.samples, options.seqlen, options.batch) < 1:
         raise InputError("--samples, --seqlen and --batch must each be at least 1")
     experts = spec.num_experts(config)
@@ -196,9 +214,13 @@ def estimate(spec: ArchSpec, config, tensors: TensorTable, options: RunOptions, 
             one_expert = max(one_expert, expert_numel)
             intermediate = max(intermediate, expert_intermediate)
             router = max(router, _numel(tensors, [spec.router_name(layer)]))
-        non_expert = max(non_expert, _numel(tensors, [n for n in names if n not in routed]))
+        non_expert_numel = _numel(tensors, [n for n in names if n not in routed])
+        non_expert = max(non_expert, non_expert_numel)
         matrices = _numel(tensors, [n for n in names if len(tensors[n][1]) == 2])
         flops = 2 * tokens * matrices + scores_flops
+        if layer in moe_layers:  # the second run for the outputs, with the experts' sums replayed
+            flops += 2 * tokens * _numel(tensors, [n for n in names if n not in routed and len(tensors[n][1]) == 2])
+            flops += scores_flops
         if layer in moe_layers and options.propagate == "merged":
             routed_matrices = matrices - (experts - top_k_after) * expert_numel
             flops += 2 * tokens * routed_matrices + scores_flops
@@ -213,16 +235,19 @@ def estimate(spec: ArchSpec, config, tensors: TensorTable, options: RunOptions, 
     attention_set = chunk * (hidden + 4 * heads * head_dim) * c
     if attention == "eager":
         attention_set += min(options.batch, options.samples) * heads * options.seqlen ** 2 * (c + FLOAT32_BYTES)
-    experts_set = chunk * (4 * hidden + 3 * intermediate) * c
+    chunks = math.ceil(options.samples / options.batch)
+    top_k = spec.top_k(config)
     device_memory = {
         "non-expert weights": non_expert * c,
         "one expert": one_expert * c,
         "hidden states": 2 * chunk * hidden * c,
+        "routed tokens": tokens * hidden * c + tokens * top_k * ROUTING_BYTES_PER_CHOICE,
+        "routed outputs": tokens * hidden * c,
         "scored block": 2 * chunk * hidden * c,
-        "working set": max(attention_set, experts_set),
-        "routing": router * c + chunk * experts * 2 * FLOAT32_BYTES + experts * SAMPLED_TOKENS_PER_CHUNK * hidden * c,
+        "working set": max(attention_set, chunk * EXPERT_ACTIVATIONS * intermediate * c),
+        "routing": router * c + chunk * experts * 2 * FLOAT32_BYTES
+        + experts * SAMPLED_TOKENS_PER_CHUNK * chunks * hidden * c,
     }
-    chunks = math.ceil(options.samples / options.batch)
     host_memory = {
         "baseline": HOST_BASELINE_BYTES,
         "saving": one_expert * weights_dtype.itemsize * (k if spec.fused else 1),
@@ -237,6 +262,8 @@ def estimate(spec: ArchSpec, config, tensors: TensorTable, options: RunOptions, 
         host_memory.update({f"device: {name}": n for name, n in device_memory.items()})
     else:
         host_memory["reading"] = reading
+        host_memory["pinned staging"] = 2 * reading
+        device_memory["uploads"] = 2 * reading
         device_memory["CUDA context"] = CUDA_CONTEXT_BYTES
     output_bytes = sum(_bytes(entry) for entry in output.values())
     disk = {"output": output_bytes, "hidden states": 3 * hidden_set,
@@ -253,6 +280,7 @@ def estimate(spec: ArchSpec, config, tensors: TensorTable, options: RunOptions, 
         samples=options.samples, seqlen=options.seqlen, batch=options.batch,
         device_memory=device_memory, host_memory=host_memory, disk=disk,
         largest_layer=largest, whole_run=total,
+        expert_bytes_per_token=EXPERT_ACTIVATIONS * intermediate * c, chunk_tokens=chunk,
     )
 
 
@@ -348,8 +376,27 @@ def describe(plan: Plan) -> str:
     ])
 
 
-def preflight(plan: Plan, out_dir: Path) -> None:
-    """Refuse to start when disk, RAM or device memory is short, with the numbers, before any heavy work.
+MIN_EXPERT_ROWS = 256  # tokens per expert call below which the matmuls would waste the device
+
+
+def placement(plan: Plan, free: int) -> Placement | None:
+    """The placement that fits `free` device bytes: all of the plan; else the routed tokens in pinned host memory
+    (each expert then copies each chunk in); else also expert calls sub-batched; None when even that fails."""
+    if free >= plan.device_peak:
+        return Placement()
+    peak = plan.device_peak - plan.device_memory["routed tokens"]
+    experts_set = plan.chunk_tokens * plan.expert_bytes_per_token
+    if free >= peak:
+        return Placement(tokens_on_device=False)
+    if plan.device_memory["working set"] > experts_set:  # attention is the larger stage: sub-batching cannot help
+        return None
+    rows = (free - (peak - experts_set)) // plan.expert_bytes_per_token
+    return Placement(False, rows) if rows >= MIN_EXPERT_ROWS else None
+
+
+def preflight(plan: Plan, out_dir: Path, device: torch.device | None = None) -> Placement:
+    """Refuse to start when disk, RAM or device memory is short, with the numbers, before any heavy work; the
+    placement that fits the memory free on `device` (the one the user named, e.g. cuda:1).
 
     Output files already in out_dir (a resumed run) count as written.
     """
@@ -369,10 +416,13 @@ def preflight(plan: Plan, out_dir: Path) -> None:
             f"not enough RAM: the run needs about {_gb(plan.host_peak)} ({_parts(plan.host_memory)}), "
             f"{_gb(available)} available: close other programs, or lower --batch or --seqlen"
         )
-    if plan.device == "cuda":
-        free_device, _ = torch.cuda.mem_get_info()
-        if free_device < plan.device_peak:
-            raise InsufficientResourcesError(
-                f"not enough GPU memory: the run needs about {_gb(plan.device_peak)} ({_parts(plan.device_memory)}), "
-                f"{_gb(free_device)} free: lower --batch or --seqlen, or use --device cpu"
-            )
+    if plan.device != "cuda":
+        return Placement()
+    free_device, _ = torch.cuda.mem_get_info(device)
+    fits = placement(plan, free_device)
+    if fits is None:
+        raise InsufficientResourcesError(
+            f"not enough GPU memory on {device}: the run needs about {_gb(plan.device_peak)} "
+            f"({_parts(plan.device_memory)}), {_gb(free_device)} free: lower --batch or --seqlen, or use --device cpu"
+        )
+    return fits

@@ -55,12 +55,12 @@ def test_device_peak_does_not_grow_with_expert_count(tmp_path):
     assert large.input_bytes > 1.9 * small.input_bytes
     assert {k: v for k, v in large.device_memory.items() if k != "routing"} == \
         {k: v for k, v in small.device_memory.items() if k != "routing"}
-    # Only the router, its logits and the sampled outputs scale with E: a few percent, where holding the
-    # layer's experts would add all 128 new ones (1.2 GB).
+    # Only the router, its logits and every expert's outputs on the sampled tokens of every chunk (the token
+    # distances need them all, since each expert runs over all chunks before the next) scale with E: far less
+    # than holding the layer's experts would add for the 128 new ones (1.2 GB).
     growth = large.device_peak - small.device_peak
     assert growth == large.device_memory["routing"] - small.device_memory["routing"]
-    assert growth < 0.05 * small.device_peak
-    assert growth < 0.05 * 128 * large.device_memory["one expert"]
+    assert growth < 0.25 * 128 * large.device_memory["one expert"]
 
 
 @pytest.mark.parametrize("source, total", [
@@ -142,3 +142,34 @@ def test_weights_make_a_checkpoint_plan(tiny_models, tmp_path):
         shard.write_bytes(b"garbage")
     result = CliRunner().invoke(main, ["plan", str(model_dir), "--ratio", "0.5"])
     assert result.exit_code == 2 and "corrupt" in result.output, result.output
+
+
+def test_expert_activations_match_a_traced_run(tiny_models, tmp_path, monkeypatch):
+    """The plan's experts working set (4·I per token: gate/up output, activation, their product) against the
+    peak of what the CPU allocator holds inside each expert call of a real run, traced by torch's profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from streammerge.runner import ExpertStream
+
+    model_dir = tiny_models("mixtral")  # I = 96 > H / 3 = 21: the activations are an expert call's peak
+    options = RunOptions(ratio=0.5, samples=4, seqlen=64, batch=4, device="cpu", method="hcsmoe")
+    plan = plan_model(model_dir, options)
+    real, peaks = ExpertStream.every_token, []
+
+    def traced(self, x):
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            out = real(self, x)
+        live = peak = 0  # allocations and frees, in order
+        for event in sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                            key=lambda e: e.start_ns()):
+            live += event.nbytes()
+            peak = max(peak, live)
+        peaks.append((x.shape[0], peak))
+        return out
+
+    monkeypatch.setattr(ExpertStream, "every_token", traced)
+    run(model_dir, tmp_path / "out", options)
+    tokens, peak = max(peaks)  # the statistics' calls, on a whole chunk
+    assert tokens == plan.chunk_tokens == 256
+    assert plan.device_memory["working set"] == plan.chunk_tokens * plan.expert_bytes_per_token
+    assert peak == pytest.approx(plan.device_memory["working set"], rel=0.1)
