@@ -255,3 +255,18 @@ def test_device_out_of_memory_is_one_line_exit_2_and_the_run_resumes(tiny_models
     assert layers[-2:] == [1, 2]  # resumed after layer 0
     clean = CliRunner().invoke(main, [*args[:2], str(tmp_path / "clean"), *args[3:]])
     assert clean.exit_code == 0 and _hashes(tmp_path / "out") == _hashes(tmp_path / "clean")
+
+
+def test_a_resume_on_other_hardware_is_refused_with_the_differences(tiny_models, tmp_path, monkeypatch):
+    """GPU kernels (hence bits) differ between GPU models and CUDA/cuBLAS versions: the signature holds them."""
+    from streammerge.errors import ResumeMismatchError
+
+    gpu = {"device": "cuda", "gpu": "NVIDIA GeForce RTX 4090", "capability": "8.9", "cuda": "13.0",
+           "cublas": "130100", "deterministic": True}
+    monkeypatch.setattr(pipeline, "device_fields", lambda device: dict(gpu))
+    state = Run(tiny_models("mixtral"), tmp_path / "out", RunOptions(**OPTIONS))
+    state.journal.open(state.signature_fields(), state.output_files(), state.num_layers, restart=False)
+    gpu.update(gpu="NVIDIA RTX A6000", capability="8.6")
+    with pytest.raises(ResumeMismatchError, match=r"capability: '8.9' -> '8.6'; gpu: 'NVIDIA GeForce RTX 4090' -> "
+                                                  r"'NVIDIA RTX A6000'\)"):
+        state.journal.open(state.signature_fields(), state.output_files(), state.num_layers, restart=False)

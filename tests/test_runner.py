@@ -67,3 +67,25 @@ def test_tensors_stay_float32_where_transformers_keeps_them(tiny_models, name):
         kept = {n for n, dtype in expected.items() if dtype == torch.float32}
         assert kept <= {n for n, dtype in got.items() if dtype == torch.float32} | {
             n for n in kept if ".experts." in f".{n}"}, layer
+
+
+def test_an_unrouted_token_infinity_stays_out_of_the_routed_sum(tiny_models, monkeypatch):
+    """float16 overflows to inf easily; an expert's output on a token not routed to it has gate 0, and
+    inf × 0 would make that token's sum NaN."""
+    from streammerge.routed import RoutedTokens
+    from streammerge.runner import ExpertStream
+
+    model = Model.open(tiny_models("mixtral"))
+    runner = LayerRunner(model.spec, model.config, torch.device("cpu"), torch.float16)
+    stream = model.spec.moe_block(runner.build(0, model.read(model.layer_names(0)))).experts
+    experts, tokens = len(stream.experts), RoutedTokens(len(stream.experts), torch.device("cpu"))
+    index = torch.stack([torch.arange(12) % experts, (torch.arange(12) + 1) % experts], -1)
+    tokens.add(torch.ones(12, model.config.hidden_size, dtype=torch.float16), index, torch.full((12, 2), 0.5))
+
+    def every_token(self, x):  # 1 on the expert's routed tokens, inf elsewhere
+        expert = self.buffers["loaded"][1]
+        return torch.where((index == expert).any(-1, keepdim=True), 1.0, torch.inf).to(x.dtype).expand_as(x)
+
+    monkeypatch.setattr(ExpertStream, "every_token", every_token)
+    combined = stream.sweep(tokens, lambda expert, chunk, y: None)
+    assert torch.equal(combined[0], torch.ones(12, model.config.hidden_size, dtype=torch.float16))
