@@ -173,3 +173,18 @@ def test_expert_activations_match_a_traced_run(tiny_models, tmp_path, monkeypatc
     assert tokens == plan.chunk_tokens == 256
     assert plan.device_memory["working set"] == plan.chunk_tokens * plan.expert_bytes_per_token
     assert peak == pytest.approx(plan.device_memory["working set"], rel=0.1)
+
+
+def test_placement_moves_tokens_to_the_host_then_sub_batches_the_experts(tmp_path):
+    from streammerge.plan import MIN_EXPERT_ROWS, placement
+    from streammerge.routed import Placement
+
+    plan = plan_model(bare_config(tmp_path, MIXTRAL), RunOptions(ratio=0.5, samples=32, seqlen=2048, batch=4,
+                                                                 device="cuda"))
+    assert placement(plan, plan.device_peak) == Placement()
+    on_host = plan.device_peak - plan.device_memory["routed tokens"]
+    assert placement(plan, on_host) == Placement(tokens_on_device=False)
+    half = placement(plan, on_host - plan.device_memory["working set"] // 2)
+    assert not half.tokens_on_device and half.max_rows == plan.chunk_tokens // 2
+    assert placement(plan, on_host - plan.device_memory["working set"]
+                     + (MIN_EXPERT_ROWS - 1) * plan.expert_bytes_per_token) is None
