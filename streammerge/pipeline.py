@@ -353,7 +353,7 @@ class Run:
         2. Each expert is loaded once and runs on every chunk (`ExpertStream.sweep`), adding to the statistics
            on the device and to each chunk's routed output.
         3. The layer runs again on each chunk with those outputs replayed, for the next layer's inputs. Running
-           attention and router twice costs little next to the experts (2-3% of the layer's FLOPs at
+           attention and router twice costs little next to the experts (3-4% of the layer's FLOPs at
            Mixtral-8x7B's sizes, `streammerge plan`), and it needs nothing of a family but its own layer.
 
         With `--method auto` the last chunk is held aside from the statistics, so the choice is judged on
@@ -371,23 +371,23 @@ class Run:
         finally:
             stream.tape = None
         for c in counted:
-            stats.add_routing(tokens[c])
+            stats.add_routing(tokens.chunks[c])  # where they are kept: only counts and sizes are read
         sampled: list[list[torch.Tensor]] = [[] for _ in self.chunks]
         outputs = []
 
-        def observe(expert, chunk, y):
-            if chunk == 0:
+        def observe(expert, c, chunk, y):
+            if c == 0:
                 self.overlap(layer)
-            if chunk == scored:
+            if c == scored:
                 outputs.append(y[scored_rows(y)].clone())
-            if chunk in counted:
-                stats.add_expert(expert, y, tokens[chunk])
-                sampled[chunk].append(y[sampled_rows(y)].clone())  # a strided view would keep all of y alive
+            if c in counted:
+                stats.add_expert(expert, y, chunk)
+                sampled[c].append(y[sampled_rows(y)].clone())  # a strided view would keep all of y alive
 
         combined = stream.sweep(tokens, observe)
         for c in counted:
-            x = tokens[c].x
-            stats.add_sample(x[sampled_rows(x)], torch.stack(sampled[c]))
+            x = tokens.chunks[c].x
+            stats.add_sample(x[sampled_rows(x)].to(self.device), torch.stack(sampled[c]))
         del sampled, tokens
         block = {}
         moe = self.spec.moe_block(module)

@@ -42,7 +42,7 @@ class RoutedTokens:
     def __init__(self, num_experts: int, device: torch.device, on_device: bool = True):
         self.num_experts = num_experts
         self.device = device
-        self.home = device if on_device else torch.device("cpu")
+        self.on_device = on_device or device.type == "cpu"
         self.chunks: list[RoutedChunk] = []
 
     def add(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> None:
@@ -51,18 +51,15 @@ class RoutedTokens:
         k = top_k_index.shape[-1]
         flat = top_k_index.reshape(-1)
         order = torch.argsort(flat, stable=True)  # per expert, its tokens in ascending order
-        counts = torch.bincount(flat, minlength=self.num_experts).cpu()
-        rows = (order // k).split(counts.tolist())
-        gates = top_k_weights.reshape(-1)[order].split(counts.tolist())
-        keep = self._keep
-        self.chunks.append(RoutedChunk(keep(x), keep(top_k_index), keep(top_k_weights),
-                                       [keep(r) for r in rows], [keep(g) for g in gates], counts))
+        counts = torch.bincount(flat, minlength=self.num_experts).cpu().tolist()
+        rows, gates = self._keep(order // k), self._keep(top_k_weights.reshape(-1)[order])
+        self.chunks.append(RoutedChunk(self._keep(x), self._keep(top_k_index), self._keep(top_k_weights),
+                                       list(rows.split(counts)), list(gates.split(counts)), torch.tensor(counts)))
 
     def _keep(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.home == tensor.device:
+        if self.on_device:
             return tensor.contiguous()
-        kept = tensor.to(self.home)
-        return kept.pin_memory() if tensor.is_cuda else kept
+        return tensor.to("cpu").pin_memory()
 
     def __len__(self) -> int:
         return len(self.chunks)
@@ -70,8 +67,4 @@ class RoutedTokens:
     def __getitem__(self, chunk: int) -> RoutedChunk:
         """Chunk `chunk` on the compute device."""
         found = self.chunks[chunk]
-        return found if self.home == self.device else found.to(self.device)
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for c in self.chunks
-                   for t in (c.x, c.top_k_index, c.top_k_weights, *c.rows, *c.gates))
+        return found if self.on_device else found.to(self.device)

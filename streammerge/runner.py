@@ -342,19 +342,20 @@ class ExpertStream(nn.Module):
         one = self.one
         if self.spec.scaled_input_experts:
             return one(x)
-        if not hasattr(one, "has_gate"):
+        if not (hasattr(one, "has_gate") and hasattr(one, "_apply_gate")):  # an older transformers
             index = torch.zeros((x.shape[0], 1), device=x.device, dtype=torch.long)
             return one(x, index, torch.ones((x.shape[0], 1), device=x.device, dtype=x.dtype))
+        transposed, biased = getattr(one, "is_transposed", False), getattr(one, "has_bias", False)
 
         def linear(h, weight, bias):
-            h = h @ weight if one.is_transposed else F.linear(h, weight)
+            h = h @ weight if transposed else F.linear(h, weight)
             return h if bias is None else h + bias[0]
 
         up = "gate_up_proj" if one.has_gate else "up_proj"
-        h = linear(x, getattr(one, up)[0], getattr(one, f"{up}_bias") if one.has_bias else None)
+        h = linear(x, getattr(one, up)[0], getattr(one, f"{up}_bias") if biased else None)
         h = one._apply_gate(h) if one.has_gate else one.act_fn(h)
-        out = linear(h, one.down_proj[0], one.down_proj_bias if one.has_bias else None)
-        return one.post_expert_norm(out) if one.has_post_expert_norm else out
+        out = linear(h, one.down_proj[0], one.down_proj_bias if biased else None)
+        return one.post_expert_norm(out) if getattr(one, "has_post_expert_norm", False) else out
 
     def output(self, expert: int, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Expert `expert` applied to every row of `x` [N, H] (which are the input's `rows`, if given)."""
@@ -365,8 +366,8 @@ class ExpertStream(nn.Module):
         return self.every_token(x)
 
     def sweep(self, tokens: RoutedTokens, observe) -> list[torch.Tensor]:
-        """Each expert loaded once and run on every chunk of `tokens`; `observe(expert, chunk, output)` sees
-        each output on every token. Returns each chunk's routed output, summed in expert order over the
+        """Each expert loaded once and run on every chunk of `tokens`; `observe(expert, c, chunk, output)` sees
+        each output on every token of chunk number `c`. Returns each chunk's routed output, summed in expert order over the
         routed rows only (an unrouted token's output, inf in float16, is never multiplied by its 0 gate).
 
         Nothing here waits for the device: the index lists come with the chunks, and the next expert's upload
@@ -378,7 +379,7 @@ class ExpertStream(nn.Module):
             for c in range(len(tokens)):
                 chunk = tokens[c]
                 y = self.every_token(chunk.x)
-                observe(expert, c, y)
+                observe(expert, c, chunk, y)
                 rows, gate = chunk.rows[expert], chunk.gates[expert].unsqueeze(-1)
                 if self.spec.scaled_input_experts:  # llama4 scales the chosen tokens' inputs, not the outputs
                     routed = self.every_token(chunk.x[rows] * gate.to(chunk.x.dtype))
