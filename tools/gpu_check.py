@@ -24,6 +24,7 @@ Checks:
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -193,8 +194,9 @@ def real_layer(device: torch.device, work: Path, smoke: bool) -> dict:
     if device.type == "cuda":
         result["busy_fraction"] = _busy_fraction(lambda: state.measure(0, module, state.hidden(0), state.hidden(1)))
         result["ok_busy"] = result["busy_fraction"] >= 0.8
-    del module, stream, tensors
     state.flush_hidden()
+    del state, module, stream, tensors  # its expert buffers and staging would count in the run's peak
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
