@@ -188,3 +188,13 @@ def test_placement_moves_tokens_to_the_host_then_sub_batches_the_experts(tmp_pat
     assert not half.tokens_on_device and half.max_rows == plan.chunk_tokens // 2
     assert placement(plan, on_host - plan.device_memory["working set"]
                      + (MIN_EXPERT_ROWS - 1) * plan.expert_bytes_per_token) is None
+
+
+def test_the_family_s_own_attention_is_planned(tiny_models):
+    """gpt-oss runs eager attention (its sinks), whose score matrices sdpa would never hold."""
+    model = Model.open(tiny_models("gpt_oss"))
+    options = RunOptions(ratio=0.5, samples=4, seqlen=512, batch=4, device="cuda")
+    planned = estimate(model.spec, model.config, model.tensor_table, options, "cuda")
+    assert planned == estimate(model.spec, model.config, model.tensor_table, options, "cuda", attention="eager")
+    assert planned.device_peak > estimate(model.spec, model.config, model.tensor_table, options, "cuda",
+                                          attention="sdpa").device_peak
