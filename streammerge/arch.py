@@ -575,6 +575,11 @@ _SPECS = (
 ARCHITECTURES: dict[str, ArchSpec] = {spec.model_type: spec for spec in _SPECS}
 
 _EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+# MoE families that a table entry cannot support, with the reason, so nobody attempts one.
+IMPOSSIBLE = {
+    "jetmoe": "its attention (mixture of attention heads) and MLP experts share num_local_experts, so a standard "
+              "JetMoE config cannot hold fewer MLP experts alone",
+}
 
 
 FP8_SCALE_SUFFIX = "_scale_inv"
@@ -625,6 +630,10 @@ def spec_for(raw_config: dict) -> ArchSpec:
         check_quantization(raw_config)
         return spec
     supported = ", ".join(sorted(ARCHITECTURES))
+    if model_type in IMPOSSIBLE:
+        raise UnsupportedArchitectureError(
+            f"model_type '{model_type}' cannot be compressed by removing experts: {IMPOSSIBLE[model_type]}"
+        )
     if not any(raw_config.get(key) for key in _EXPERT_COUNT_KEYS):
         raise UnsupportedArchitectureError(
             f"model_type '{model_type}' is a dense (non-MoE) model: streammerge only compresses "

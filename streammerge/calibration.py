@@ -12,12 +12,12 @@ from safetensors.torch import load_file
 from .checkpoint import save_shard
 from .errors import InputError
 
-DEFAULT_TEXT = Path(__file__).parent / "data" / "calibration.txt"
-
 
 def read_documents(path: Path) -> list[str]:
     """Plain text is one document; JSONL gives one document per line's `text` field."""
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path} is a directory, not a text file: pass one plain text or JSONL file")
     if not path.is_file():
         raise InputError(f"calibration file {path} does not exist: pass an existing text or JSONL file to --calib")
     if path.suffix == ".jsonl":

@@ -1,4 +1,7 @@
-"""Command line: `streammerge run | eval | inspect | plan`."""
+"""Command line: `streammerge run | eval | inspect | plan`.
+
+torch and transformers are imported inside the commands, so `--help` and argument errors answer at once.
+"""
 
 from __future__ import annotations
 
@@ -7,31 +10,37 @@ import sys
 from pathlib import Path
 
 import click
-from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import __version__
-from .calibration import DEFAULT_TEXT
-from .cluster import LINKAGES, METRICS
 from .errors import Interrupted, StreamMergeError
-from .merge import MERGES, ROUTERS
-from .pipeline import FEATURES, METHODS, PROPAGATIONS, RunOptions, run as run_pipeline
+from .options import (DEFAULT_TEXT, DTYPES, FEATURES, LINKAGES, MERGES, METHODS, METRICS, PROPAGATIONS, ROUTERS,
+                      RunOptions)
+from .units import human_bytes
 
 log = logging.getLogger("streammerge")
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
+def _fail(message: str, exit_code: int) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(exit_code)
 
 
-def _fail(error: StreamMergeError) -> None:
-    click.echo(f"error: {error}", err=True)
-    sys.exit(error.exit_code)
+class Commands(click.Group):
+    """Every command's errors, and Ctrl-C at any moment (imports included), end in one line and an exit code."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except StreamMergeError as error:
+            _fail(str(error), error.exit_code)
+        except KeyboardInterrupt as interrupt:
+            # A plain KeyboardInterrupt comes before any work was saved (imports, checks, calibration, reading).
+            _fail(str(interrupt) if isinstance(interrupt, Interrupted)
+                  else "interrupted before anything was saved: re-run the same command to start again",
+                  Interrupted.exit_code)
 
 
-@click.group()
+@click.group(cls=Commands)
 @click.version_option(__version__)
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def main(verbose: bool) -> None:
@@ -69,7 +78,7 @@ def run_options(command):
         click.option("--propagate", type=click.Choice(PROPAGATIONS), default="original", show_default=True,
                      help="Next layer's calibration inputs: the original layer's outputs or the compressed one's."),
         click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda, cuda:N."),
-        click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+        click.option("--dtype", type=click.Choice(DTYPES), default="auto",
                      show_default=True, help="Compute dtype; auto: float32 on CPU, the weights' dtype on GPU."),
         click.option("--seed", type=int, default=0, show_default=True, help="Picks the calibration windows."),
     ]
@@ -87,20 +96,20 @@ def run_options(command):
 @click.option("--restart", is_flag=True, help="Discard an unfinished or different run in OUT_DIR (only files streammerge made).")
 def run(model_dir: Path, out_dir: Path, **kwargs) -> None:
     """Merge the experts of MODEL_DIR into a smaller checkpoint in OUT_DIR (resumes an interrupted run)."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
-    try:
-        with logging_redirect_tqdm():
-            summary = run_pipeline(model_dir, out_dir, RunOptions(**kwargs))
-    except StreamMergeError as error:
-        _fail(error)
-    except KeyboardInterrupt:
-        _fail(Interrupted("interrupted before the first layer finished: re-run the same command to resume"))
+    from .pipeline import run as run_pipeline
+
+    with logging_redirect_tqdm():
+        summary = run_pipeline(model_dir, out_dir, RunOptions(**kwargs))
     params, size = summary["parameters"], summary["bytes"]
     click.echo(
         f"done: {out_dir}\n"
         f"  experts     {summary['experts']}\n"
-        f"  parameters  {params[0]:,} -> {params[1]:,} ({params[1] / params[0]:.1%})\n"
-        f"  size        {_human(size[0])} -> {_human(size[1])}\n"
+        + (f"  top-k       {summary['top_k'][0]} -> {summary['top_k'][1]} (experts per token, lowered: fewer experts "
+           f"are kept than each token was routed to)\n" if summary["top_k"][0] != summary["top_k"][1] else "")
+        + f"  parameters  {params[0]:,} -> {params[1]:,} ({params[1] / params[0]:.1%})\n"
+        f"  size        {human_bytes(size[0])} -> {human_bytes(size[1])}\n"
         f"  time        {summary['seconds']} s"
     )
     errors = summary["block_errors"]
@@ -122,17 +131,16 @@ def run(model_dir: Path, out_dir: Path, **kwargs) -> None:
 @click.option("--batch", type=int, default=4, show_default=True,
               help="Windows per chunk: one chunk of hidden states is in memory at a time.")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda, cuda:N.")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+@click.option("--dtype", type=click.Choice(DTYPES), default="auto",
               show_default=True, help="Compute dtype; auto: float32 on CPU, the weights' dtype on GPU.")
 def eval(model_dir: Path, text: Path, **kwargs) -> None:
     """Perplexity of MODEL_DIR on held-out text, streamed one layer at a time."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     from .evaluate import perplexity
 
-    try:
-        with logging_redirect_tqdm():
-            result = perplexity(model_dir, text, **kwargs)
-    except StreamMergeError as error:
-        _fail(error)
+    with logging_redirect_tqdm():
+        result = perplexity(model_dir, text, **kwargs)
     click.echo(
         f"perplexity {result['perplexity']:.2f} over {result['tokens']:,} predicted tokens "
         f"({result['windows']} windows of {kwargs['seqlen']})"
@@ -144,15 +152,16 @@ def eval(model_dir: Path, text: Path, **kwargs) -> None:
 def inspect(directory: Path) -> None:
     """Show the MoE structure of a model or output directory, and whether a run there is complete."""
     from .journal import Journal
-    from .model import Model
+    from .model import Model, check_directory
 
+    check_directory(directory, "DIRECTORY")
     journal = Journal(directory)
     status = journal.status()
     try:
         model = Model.open(directory, check_tensors=False)
-    except StreamMergeError as error:
+    except StreamMergeError:
         if status != "in_progress":
-            _fail(error)
+            raise
         model = None
     if model is not None:
         spec, config, reader = model.spec, model.config, model.reader
@@ -163,7 +172,7 @@ def inspect(directory: Path) -> None:
             f"  experts     {spec.num_experts(config)} routed per MoE layer, top-{spec.top_k(config)}; "
             f"shared: {spec.shared_expert}\n"
             f"  parameters  {reader.num_parameters():,}\n"
-            f"  size        {_human(reader.nbytes(reader.names()))}"
+            f"  size        {human_bytes(reader.nbytes(reader.names()))}"
         )
     if status == "in_progress":
         manifest = journal.manifest()
@@ -191,11 +200,7 @@ def plan(model_dir: Path, as_json: bool, **kwargs) -> None:
     """
     import json
 
-    from .pipeline import RunOptions
     from .plan import describe, plan_model
 
-    try:
-        result = plan_model(model_dir, RunOptions(**kwargs))
-    except StreamMergeError as error:
-        _fail(error)
+    result = plan_model(model_dir, RunOptions(**kwargs))
     click.echo(json.dumps(result.as_dict(), indent=2) if as_json else describe(result))

@@ -9,9 +9,6 @@ from scipy.spatial.distance import squareform
 
 from .errors import InputError
 
-LINKAGES = ("average", "single", "complete", "ward")
-METRICS = ("euclidean", "cosine")
-
 
 def cluster_experts(k: int, linkage: str = "average", metric: str = "euclidean",
                     features: np.ndarray | None = None, distances: np.ndarray | None = None) -> list[list[int]]:

@@ -33,7 +33,10 @@ class DeviceMemoryError(StreamMergeError):
     """The GPU ran out of memory mid-run; the finished layers are kept."""
 
 
-class Interrupted(StreamMergeError):
-    """The user pressed Ctrl-C; the run stopped at a safe point."""
+class Interrupted(KeyboardInterrupt):
+    """The user pressed Ctrl-C; the run stopped at a safe point. The message says what to re-run.
+
+    A KeyboardInterrupt, not a StreamMergeError: a caller's `except Exception` must not swallow Ctrl-C.
+    """
 
     exit_code = 130

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import torch
 
-MERGES = ("freq", "avg")
-ROUTERS = ("dominant", "freqavg", "lsefit", "kl")
-
 
 def member_weights(members: list[int], frequencies: torch.Tensor, merge: str) -> torch.Tensor:
     """Averaging weights of a group's members: usage frequency (HC-SMoE `freq`) or uniform."""

@@ -24,11 +24,25 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgp
 NOT_COPIED = {"config.json", "README.md", ".gitattributes", INDEX_NAME, "streammerge.json", "streammerge.log"}
 
 
+def check_directory(path: Path, argument: str = "MODEL_DIR") -> None:
+    """A model directory given on the command line must be a local directory: say what it is otherwise."""
+    if path.is_file():
+        holder = f"the directory holding it, {path.parent}" if path.name == "config.json" else "its directory"
+        raise InputError(f"{argument} {path} is a file, not a directory: pass {holder} (the model directory with "
+                         f"config.json and the weights)")
+    if not path.exists():
+        hub_id = not path.is_absolute() and len(path.parts) == 2 and not str(path).startswith(".")
+        raise InputError(
+            f"model directory {path} does not exist: pass the directory holding config.json and the weights"
+            + (f" (streammerge reads local directories only; for a Hub model, `hf download {path} --local-dir DIR` "
+               f"first)" if hub_id else "")
+        )
+
+
 def open_config(model_dir: Path) -> tuple[dict, object, ArchSpec]:
     """config.json of a model directory as (raw dict, config object, architecture entry), or the error that
     names what is wrong: no directory, no or broken config.json, an unknown or dense architecture."""
-    if not model_dir.is_dir():
-        raise InputError(f"model directory {model_dir} does not exist: pass the directory holding config.json and the weights")
+    check_directory(model_dir)
     config_path = model_dir / "config.json"
     if not config_path.is_file():
         raise InputError(f"{model_dir} has no config.json: pass a Hugging Face model directory")

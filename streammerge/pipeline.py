@@ -13,16 +13,17 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
+from huggingface_hub import ModelCardData
 from tqdm import tqdm
 
 from . import __version__
 from .arch import ArchSpec
-from .calibration import DEFAULT_TEXT, HiddenStates, sample_windows
+from .calibration import HiddenStates, sample_windows
 from .checkpoint import (INDEX_NAME, CheckpointReader, Deferred, drop_cached, io_thread, materialize, publish,
                          read_shard, release_pages, save_json, save_shard, stage_shard, staged_path)
 from .cluster import cluster_experts, prune_experts
@@ -30,14 +31,12 @@ from .errors import CheckpointError, DeviceMemoryError, InputError, Interrupted
 from .journal import PROVENANCE, Journal
 from .merge import member_weights, merge_tensors, router_rows, router_vector
 from .model import Model
+from .options import RunOptions, target_experts
 from .routed import Placement, RoutedTokens
 from .runner import LayerRunner, reduced_config
 from .statistics import ExpertStatistics
 
 log = logging.getLogger(__name__)
-METHODS = ("hcsmoe", "prune-freq", "prune-reap", "auto")
-FEATURES = ("mean-output", "token-distance")
-PROPAGATIONS = ("original", "merged")
 METHOD_NAMES = {"hcsmoe": "HC-SMoE expert merging", "prune-freq": "pruning by usage frequency",
                 "prune-reap": "REAP pruning"}
 SAMPLED_TOKENS_PER_CHUNK = 64
@@ -67,44 +66,6 @@ def _return_freed_heap() -> None:
     Mixtral layers in tools/bench.py)."""
     if _malloc_trim is not None:
         _malloc_trim(0)
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    ratio: float | None = None
-    experts: int | None = None
-    calib: Path = DEFAULT_TEXT
-    samples: int = 32
-    seqlen: int = 512
-    batch: int = 4
-    method: str = "auto"  # defaults chosen by tools/quality.py, see README "Quality"
-    feature: str = "token-distance"
-    linkage: str = "average"
-    metric: str = "euclidean"
-    merge: str = "freq"
-    router: str = "dominant"
-    propagate: str = "original"
-    eval_text: Path | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    seed: int = 0
-    restart: bool = False
-
-
-def target_experts(num_experts: int, ratio: float | None, experts: int | None) -> int:
-    """K = E - round(E * ratio) (the REAP convention), or K given directly."""
-    if (ratio is None) == (experts is None):
-        raise InputError("give exactly one of --ratio (fraction of experts removed) or --experts (experts kept)")
-    if experts is not None:
-        if not 1 <= experts <= num_experts:
-            raise InputError(f"--experts {experts} is outside 1..{num_experts}: the model has {num_experts} experts per layer")
-        return experts
-    if not 0 < ratio < 1:
-        raise InputError(f"--ratio {ratio} must be strictly between 0 and 1 (the fraction of experts removed, e.g. 0.5)")
-    k = num_experts - round(num_experts * ratio)
-    if k < 1:
-        raise InputError(f"--ratio {ratio} would leave no expert of {num_experts}: use a smaller ratio")
-    return k
 
 
 def resolve_device(name: str) -> torch.device:
@@ -204,6 +165,10 @@ class Run:
         self.num_experts = self.spec.num_experts(self.config)
         self.k = target_experts(self.num_experts, options.ratio, options.experts)
         self.spec.check_experts_kept(self.config, self.k)
+        self.top_k = (self.spec.top_k(self.config), min(self.spec.top_k(self.config), self.k))
+        if self.top_k[0] != self.top_k[1]:
+            log.warning("keeping %d of %d experts, fewer than the %d each token is routed to: the output's %s is %d",
+                        self.k, self.num_experts, self.top_k[0], self.spec.top_k_key, self.top_k[1])
         if options.router in ("lsefit", "kl") and not self.spec.softmax_router:
             raise InputError(f"--router {options.router} fits a softmax router; {self.spec.family} routes by "
                              f"{self.spec.routing}: use --router dominant or freqavg")
@@ -224,7 +189,7 @@ class Run:
 
     def signature_fields(self) -> dict:
         ignored = ("restart", "calib", "ratio", "experts", "eval_text")
-        options = {k: str(v) for k, v in asdict(self.options).items() if k not in ignored}
+        options = {k: v for k, v in self.options.as_json().items() if k not in ignored}
         return {
             "input": self.model.fingerprint,
             "experts_kept": self.k,
@@ -303,6 +268,7 @@ class Run:
                 "frequencies": [round(f, 6) for f in stats.frequencies.tolist()],
                 "tokens": stats.tokens,
             })
+            self.log_result(record)
             if self.options.propagate == "merged":  # the next layer's inputs come from the written layer
                 record.update(self.stage(path, tensors))
                 tensors = None
@@ -315,6 +281,10 @@ class Run:
         self.overlapping = threading.Event()  # set by the next layer's overlap(), or when the loop ends
         self.saving = self.saver.submit(self.save, path, tensors, record, self.overlapping)
         return self.saving
+
+    def log_result(self, record: dict) -> None:
+        log.info("layer %d: %s, %d -> %d experts, block error %.4f, groups %s", record["layer"], record["method"],
+                 self.num_experts, self.k, record["error"], record["groups"])
 
     @staticmethod
     def stage(path: Path, tensors: dict) -> dict:
@@ -482,7 +452,7 @@ class Run:
             "family": self.spec.family,
             "experts_before": self.num_experts,
             "experts_after": self.k,
-            "options": {k: str(v) for k, v in asdict(self.options).items() if k != "restart"},
+            "options": {k: v for k, v in self.options.as_json().items() if k != "restart"},
             "signature": fields["signature"],
             "fields": fields["fields"],
             "files": fields["files"],
@@ -496,15 +466,22 @@ class Run:
         self.journal.close()
 
     def model_card(self, provenance: dict) -> str:
+        """README.md: the Hub's YAML front matter, then what was done and how to check it."""
         o = self.options
         chosen = Counter(layer["method"] for layer in provenance["layers"] if "method" in layer)
         methods = ", ".join(f"{METHOD_NAMES[m]} in {n} layer{'s' if n > 1 else ''}" for m, n in sorted(chosen.items()))
+        metadata = ModelCardData(base_model=self.model.name, library_name="transformers",
+                                 tags=["streammerge", "moe", self.spec.model_type], pipeline_tag="text-generation")
+        top_k = (f"Each token is now routed to {self.top_k[1]} expert{'s' if self.top_k[1] > 1 else ''} instead of "
+                 f"{self.top_k[0]} (`{self.spec.top_k_key}` lowered), as each MoE layer keeps only {self.k}. "
+                 if self.top_k[0] != self.top_k[1] else "")
         return (
+            f"---\n{metadata.to_yaml()}\n---\n\n"
             f"# {self.model.name}, {self.num_experts}→{self.k} experts (streammerge)\n\n"
             f"This checkpoint is **{self.model.name}** ({self.spec.family}) with the routed experts of every MoE layer "
             f"reduced from {self.num_experts} to {self.k} by streammerge {__version__}, without retraining: {methods} "
             f"(`--method {o.method}`; merging settings: `--feature {o.feature} --linkage {o.linkage} --merge {o.merge} "
-            f"--router {o.router}`). Calibration: {o.samples} × {o.seqlen} tokens from `{Path(o.calib).name}`, "
+            f"--router {o.router}`). {top_k}Calibration: {o.samples} × {o.seqlen} tokens from `{Path(o.calib).name}`, "
             f"seed {o.seed}. Everything outside the routed experts and their router rows is unchanged.\n\n"
             f"It loads with plain `AutoModelForCausalLM.from_pretrained`. Per-layer groups, usage frequencies and the "
             f"relative error of each compressed MoE block are in `{PROVENANCE}`. Quality is not guaranteed: measure "
@@ -517,6 +494,7 @@ class Run:
         provenance = json.loads((self.out_dir / PROVENANCE).read_text())
         return {
             "experts": f"{self.num_experts} -> {self.k} per MoE layer ({len(self.moe_layers)} layers)",
+            "top_k": self.top_k,
             "parameters": (before.num_parameters(), after.num_parameters()),
             "bytes": (before.nbytes(before.names()), after.nbytes(after.names())),
             "seconds": round(time.monotonic() - started, 1),
@@ -563,7 +541,11 @@ def run(model_dir: Path, out_dir: Path, options: RunOptions) -> dict:
     try:
         _loop(state)
         if options.eval_text is not None:
-            record_perplexity(Path(model_dir), state.out_dir, options)
+            try:
+                record_perplexity(Path(model_dir), state.out_dir, options)
+            except KeyboardInterrupt:
+                raise Interrupted(f"interrupted while measuring perplexity; the output in {out_dir} is complete: "
+                                  f"`streammerge eval {out_dir} --text {options.eval_text}` measures it") from None
         return state.summary(started)
     finally:
         logging.getLogger("streammerge").removeHandler(handler)
@@ -589,19 +571,14 @@ def out_of_memory(exc: torch.OutOfMemoryError, where: str, then: str) -> DeviceM
     return DeviceMemoryError(f"out of GPU memory in {where} ({detail}): lower --batch or --seqlen {then}")
 
 
-def _saved(state: Run, saving: Future) -> dict:
-    record = saving.result()
-    if "groups" in record:
-        log.info("layer %d: %s, %d -> %d experts, block error %.4f, groups %s", record["layer"], record["method"],
-                 state.num_experts, state.k, record["error"], record["groups"])
-    return record
-
-
 def _loop(state: Run) -> None:
     records = state.journal.finished(state.num_layers)
     first = len(records)
     if first:
         log.info("resuming after layer %d of %d", first - 1, state.num_layers)
+        for record in records:
+            if "groups" in record:
+                state.log_result(record)
     if first < state.num_layers:  # the first layer's reads overlap the embedding; later ones, the layer before
         state.model.reader.prefetch(state.model.layer_names(first))
     if first == 0 or not state.hidden(first).complete():
@@ -615,11 +592,11 @@ def _loop(state: Run) -> None:
                           total=state.num_layers, disable=None):
             saving = state.process(layer)
             if saved is not None:  # the previous layer was saved while this one computed
-                records.append(_saved(state, saved))
+                records.append(saved.result())
             saved = saving
         state.overlap(state.num_layers)  # nothing left to overlap with
         if saved is not None:
-            records.append(_saved(state, saved))
+            records.append(saved.result())
     except KeyboardInterrupt:
         raise Interrupted(
             f"interrupted during layer {layer}; finished layers are saved: re-run the same command to resume"
@@ -631,4 +608,8 @@ def _loop(state: Run) -> None:
         state.overlapping.set()
         state.writer.shutdown(wait=True)
         state.saver.shutdown(wait=True)
-    state.finalize(records)
+    try:
+        state.finalize(records)
+    except KeyboardInterrupt:
+        raise Interrupted("interrupted while writing the final files; every layer is saved: re-run the same command "
+                          "to finish") from None

@@ -58,14 +58,18 @@ half do less); the layer then runs again without its experts for its outputs (`R
 non-expert matrices and the scores once more. --propagate merged adds a pass of the compressed layer with only the routed top-k experts per token.
 Scoring candidates on one chunk is left out. Bytes read: the layer's tensors and its input hidden states; written:
 its output shard and the next layer's hidden states.
+Time: the whole run's FLOPs at the rate of square matmuls in the compute dtype, timed on this machine's device
+for MATMUL_SECONDS; none when the planned device is not here. Disk and element-wise work come on top.
 """
 
 from __future__ import annotations
 
 import math
 import shutil
+import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, replace
+from functools import cache
 from pathlib import Path
 
 import psutil
@@ -74,8 +78,10 @@ import torch
 from .arch import LAYER_PREFIX, ArchSpec
 from .errors import InputError, InsufficientResourcesError
 from .model import WEIGHT_SUFFIXES, Model, open_config
+from .options import RunOptions, target_experts
+from .pipeline import SAMPLED_TOKENS_PER_CHUNK, SCORED_TOKENS, resolve_dtype
 from .routed import Placement
-from .pipeline import SAMPLED_TOKENS_PER_CHUNK, SCORED_TOKENS, RunOptions, resolve_dtype, target_experts
+from .units import human_bytes, human_flops, human_seconds
 
 HOST_BASELINE_BYTES = 500_000_000
 CUDA_CONTEXT_BYTES = 500_000_000
@@ -84,6 +90,7 @@ FLOAT32_BYTES = 4
 FLOAT64_BYTES = 8
 EXPERT_ACTIVATIONS = 4  # gate/up output (2·I), the activation (I) and its product with up (I), per token
 ROUTING_BYTES_PER_CHOICE = 24  # top-k index (int64) and weight (float32); its index list row (int64) and gate
+MATMUL_SECONDS = 0.25
 
 TensorTable = dict[str, tuple[torch.dtype, tuple[int, ...]]]
 
@@ -127,6 +134,11 @@ class Plan:
     expert_bytes_per_token: int = 0  # of the experts' working set: what sub-batching an expert call saves
     chunk_tokens: int = 0
     source: str = "checkpoint headers"
+    matmul_rate: float | None = None  # FLOP/s timed on this machine's planned device, if it has one
+
+    @property
+    def compute_seconds(self) -> float | None:
+        return self.whole_run.flops / self.matmul_rate if self.matmul_rate else None
 
     @property
     def device_peak(self) -> int:
@@ -142,7 +154,7 @@ class Plan:
 
     def as_dict(self) -> dict:
         return {**asdict(self), "device_peak": self.device_peak, "host_peak": self.host_peak,
-                "disk_needed": self.disk_needed}
+                "disk_needed": self.disk_needed, "compute_seconds": self.compute_seconds}
 
 
 def _bytes(entry: tuple[torch.dtype, tuple[int, ...]]) -> int:
@@ -331,25 +343,44 @@ def _config_only(model_dir: Path) -> bool:
         p.name.endswith(WEIGHT_SUFFIXES) for p in model_dir.iterdir())
 
 
+@cache
+def matmul_rate(device: str, dtype: torch.dtype) -> float | None:
+    """FLOP/s of square matmuls in `dtype` on this machine's `device`, or None when it has no such device."""
+    if device == "cuda" and not torch.cuda.is_available():
+        return None
+    n = 4096 if device == "cuda" else 1024
+    a = torch.randn(n, n, device=device).to(dtype)
+    out = torch.empty_like(a)
+    torch.matmul(a, a, out=out)  # warm-up: kernel choice, thread pool
+    if device == "cuda":
+        torch.cuda.synchronize()
+    repeats, started = 0, time.perf_counter()
+    while repeats < 3 or time.perf_counter() - started < MATMUL_SECONDS:
+        torch.matmul(a, a, out=out)
+        repeats += 1
+        if device == "cuda":
+            torch.cuda.synchronize()
+    return 2 * n**3 * repeats / (time.perf_counter() - started)
+
+
 def plan_model(model_dir: Path, options: RunOptions) -> Plan:
-    """The plan for MODEL_DIR: from its safetensors headers, or from config.json alone when it has no weights."""
+    """The plan for MODEL_DIR: from its safetensors headers, or from config.json alone when it has no weights,
+    with the compute time at the matmul rate of this machine's planned device."""
     model_dir = Path(model_dir)
     device = planned_device(options.device)
     if not _config_only(model_dir):
         model = Model.open(model_dir)
-        return estimate(model.spec, model.config, model.tensor_table, options, device)  # FP8 read dequantized
-    raw_config, config, spec = open_config(model_dir)
-    dtype = config_dtype(raw_config)
-    plan = estimate(spec, config, config_tensors(spec, config, dtype), options, device)
-    return replace(plan, source=f"config.json alone (no weights: shapes from the config, {_dtype_name(dtype)} assumed)")
-
-
-def _gb(n: int) -> str:
-    return f"{n / 1e9:,.2f} GB"
+        plan = estimate(model.spec, model.config, model.tensor_table, options, device)  # FP8 read dequantized
+    else:
+        raw_config, config, spec = open_config(model_dir)
+        dtype = config_dtype(raw_config)
+        plan = replace(estimate(spec, config, config_tensors(spec, config, dtype), options, device),
+                       source=f"config.json alone (no weights: shapes from the config, {_dtype_name(dtype)} assumed)")
+    return replace(plan, matmul_rate=matmul_rate(device, getattr(torch, plan.compute_dtype)))
 
 
 def _parts(components: dict[str, int]) -> str:
-    return ", ".join(f"{name} {_gb(n)}" for name, n in components.items())
+    return ", ".join(f"{name} {human_bytes(n)}" for name, n in components.items())
 
 
 def describe(plan: Plan) -> str:
@@ -362,18 +393,26 @@ def describe(plan: Plan) -> str:
         f"top-k {plan.top_k_before} -> {plan.top_k_after}",
         f"  parameters    {plan.parameters_before:,} -> {plan.parameters_after:,} "
         f"({plan.parameters_after / plan.parameters_before:.1%})",
-        f"  size          {_gb(plan.input_bytes)} -> {_gb(plan.output_bytes)} ({plan.weights_dtype} weights)",
+        f"  size          {human_bytes(plan.input_bytes)} -> {human_bytes(plan.output_bytes)} ({plan.weights_dtype} weights)",
         f"  calibration   {plan.samples} x {plan.seqlen} tokens in chunks of {plan.batch} windows; "
         f"compute on {plan.device} in {plan.compute_dtype}",
-        f"  device peak   {_gb(plan.device_peak)}: {_parts(plan.device_memory)}"
+        f"  device peak   {human_bytes(plan.device_peak)}: {_parts(plan.device_memory)}"
         + (" (host RAM: within the host peak)" if plan.device == "cpu" else ""),
-        f"  host peak     {_gb(plan.host_peak)}: {_parts(plan.host_memory)}",
-        f"  disk          {_gb(plan.disk_needed)}: {_parts(plan.disk)}",
-        f"  largest layer {plan.largest_layer.flops / 1e12:,.1f} TFLOP, read {_gb(plan.largest_layer.bytes_read)}, "
-        f"write {_gb(plan.largest_layer.bytes_written)}",
-        f"  whole run     {plan.whole_run.flops / 1e12:,.1f} TFLOP, read {_gb(plan.whole_run.bytes_read)}, "
-        f"write {_gb(plan.whole_run.bytes_written)}",
+        f"  host peak     {human_bytes(plan.host_peak)}: {_parts(plan.host_memory)}",
+        f"  disk          {human_bytes(plan.disk_needed)}: {_parts(plan.disk)}",
+        f"  largest layer {human_flops(plan.largest_layer.flops)}, read {human_bytes(plan.largest_layer.bytes_read)}, "
+        f"write {human_bytes(plan.largest_layer.bytes_written)}",
+        f"  whole run     {human_flops(plan.whole_run.flops)}, read {human_bytes(plan.whole_run.bytes_read)}, "
+        f"write {human_bytes(plan.whole_run.bytes_written)}",
+        f"  time          {_time(plan)}",
     ])
+
+
+def _time(plan: Plan) -> str:
+    if plan.compute_seconds is None:
+        return f"no estimate: this machine has no {plan.device} device to time matmuls on (plan on the machine that runs it)"
+    return (f"at least {human_seconds(plan.compute_seconds)}: the whole run's FLOPs at {plan.matmul_rate / 1e9:,.0f} "
+            f"GFLOP/s, the {plan.compute_dtype} matmul rate timed here on {plan.device}; reading and writing add to it")
 
 
 MIN_EXPERT_ROWS = 256  # tokens per expert call below which the matmuls would waste the device
@@ -407,14 +446,14 @@ def preflight(plan: Plan, out_dir: Path, device: torch.device | None = None) -> 
     needed = plan.disk_needed - written
     if free < needed:
         raise InsufficientResourcesError(
-            f"not enough disk on {existing}: the run needs {_gb(needed)} more ({_parts(plan.disk)}), {_gb(free)} "
+            f"not enough disk on {existing}: the run needs {human_bytes(needed)} more ({_parts(plan.disk)}), {human_bytes(free)} "
             f"free: free space or choose an out_dir on another disk"
         )
     available = psutil.virtual_memory().available
     if available < plan.host_peak:
         raise InsufficientResourcesError(
-            f"not enough RAM: the run needs about {_gb(plan.host_peak)} ({_parts(plan.host_memory)}), "
-            f"{_gb(available)} available: close other programs, or lower --batch or --seqlen"
+            f"not enough RAM: the run needs about {human_bytes(plan.host_peak)} ({_parts(plan.host_memory)}), "
+            f"{human_bytes(available)} available: close other programs, or lower --batch or --seqlen"
         )
     if plan.device != "cuda":
         return Placement()
@@ -422,7 +461,7 @@ def preflight(plan: Plan, out_dir: Path, device: torch.device | None = None) -> 
     fits = placement(plan, free_device)
     if fits is None:
         raise InsufficientResourcesError(
-            f"not enough GPU memory on {device}: the run needs about {_gb(plan.device_peak)} "
-            f"({_parts(plan.device_memory)}), {_gb(free_device)} free: lower --batch or --seqlen, or use --device cpu"
+            f"not enough GPU memory on {device}: the run needs about {human_bytes(plan.device_peak)} "
+            f"({_parts(plan.device_memory)}), {human_bytes(free_device)} free: lower --batch or --seqlen, or use --device cpu"
         )
     return fits

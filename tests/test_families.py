@@ -231,6 +231,12 @@ def test_unsupported_family_lists_the_supported_ones():
     assert all(model_type in str(error.value) for model_type in ARCHITECTURES)
 
 
+def test_jetmoe_is_refused_with_the_reason():
+    from streammerge.arch import spec_for
+    with pytest.raises(UnsupportedArchitectureError, match="share num_local_experts"):
+        spec_for({"model_type": "jetmoe", "num_local_experts": 8})
+
+
 def test_readme_lists_exactly_the_table():
     from pathlib import Path
     readme = (Path(__file__).parent.parent / "README.md").read_text()

@@ -6,8 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from streammerge.merge import ROUTERS
-from streammerge.pipeline import METHODS, RunOptions, run
+from streammerge.options import METHODS, ROUTERS, RunOptions
+from streammerge import pipeline, plan
+from streammerge.pipeline import run
 
 SMALL = dict(samples=4, seqlen=32, batch=2, device="cpu")
 
@@ -34,7 +35,10 @@ def test_every_method_and_router_loads_strictly(tiny_models, tmp_path, method, r
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_keeping_every_expert_reproduces_the_original_logits(tiny_models, tmp_path, method):
+def test_keeping_every_expert_reproduces_the_original_logits(tiny_models, tmp_path, monkeypatch, method):
+    """Users are refused K = E (nothing removed); the pipeline underneath must still be the identity for it."""
+    for module in (pipeline, plan):
+        monkeypatch.setattr(module, "target_experts", lambda num_experts, ratio, experts: experts)
     model_dir = tiny_models("mixtral")
     out = tmp_path / "out"
     run(model_dir, out, RunOptions(experts=8, method=method, router="kl", propagate="merged", **SMALL))
@@ -70,7 +74,7 @@ def test_merging_in_blocks_equals_one_float32_pass_and_leaves_members_alone(dtyp
 
 
 def test_merging_mapped_members_in_slabs_equals_one_merge(monkeypatch):
-    from streammerge import pipeline
+    from streammerge import pipeline, plan
     from streammerge.merge import merge_tensors
 
     monkeypatch.setattr(pipeline, "MERGE_SLAB", 7)  # slabs cross rows; a ragged last slab

@@ -11,16 +11,19 @@ import time
 import numpy as np
 import pytest
 import torch
+import yaml
 from click.testing import CliRunner
+from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from reference import hcsmoe
 from resident import cached_bytes, mapped_rss
 from streammerge import pipeline
 from streammerge.arch import ARCHITECTURES
-from streammerge.calibration import DEFAULT_TEXT, sample_windows
+from streammerge.calibration import sample_windows
 from streammerge.checkpoint import CheckpointReader
 from streammerge.cli import main
+from streammerge.options import DEFAULT_TEXT
 from streammerge.pipeline import Run, RunOptions, run
 from streammerge.runner import ExpertStream, reduced_config
 from test_make_synthetic import make_synthetic, shrunken_config
@@ -108,6 +111,20 @@ def test_output_loads_strictly_and_generates(compressed, family):
     tokenizer = AutoTokenizer.from_pretrained(out)
     generated = model.generate(**tokenizer("The module", return_tensors="pt"), max_new_tokens=4, do_sample=False)
     assert generated.shape[1] > 2
+
+
+def test_provenance_keeps_option_types_and_the_card_has_hub_metadata(compressed):
+    out = compressed("mixtral")
+    options = json.loads((out / "streammerge.json").read_text())["options"]
+    assert options["samples"] == OPTIONS["samples"] and options["ratio"] == 0.5 and options["experts"] is None
+    assert options["calib"] == str(DEFAULT_TEXT) and options["eval_text"] is None
+    card = (out / "README.md").read_text()
+    _, front_matter, body = card.split("---\n", 2)
+    metadata = yaml.safe_load(front_matter)
+    assert metadata["library_name"] == "transformers" and metadata["pipeline_tag"] == "text-generation"
+    assert {"streammerge", "moe", "mixtral"} <= set(metadata["tags"]) and metadata["base_model"]
+    assert ModelCard.load(out / "README.md").data.to_dict() == metadata  # as the Hub's own tooling reads it
+    assert body.lstrip().startswith("# ")
 
 
 def test_non_expert_tensors_are_byte_identical(tiny_models, compressed, family):

@@ -198,3 +198,13 @@ def test_the_family_s_own_attention_is_planned(tiny_models):
     assert planned == estimate(model.spec, model.config, model.tensor_table, options, "cuda", attention="eager")
     assert planned.device_peak > estimate(model.spec, model.config, model.tensor_table, options, "cuda",
                                           attention="sdpa").device_peak
+
+
+def test_small_sizes_in_mb_and_a_time_estimate_or_why_none(tiny_models):
+    printed = CliRunner().invoke(main, ["plan", str(tiny_models("mixtral")), "--ratio", "0.5", "--device", "cpu"])
+    assert printed.exit_code == 0, printed.output
+    assert "0.00 GB" not in printed.output and " MB" in printed.output
+    assert "time          at least " in printed.output and "GFLOP/s, the float32 matmul rate timed here on cpu" in printed.output
+    if not torch.cuda.is_available():
+        printed = CliRunner().invoke(main, ["plan", str(tiny_models("mixtral")), "--ratio", "0.5", "--device", "cuda"])
+        assert "time          no estimate: this machine has no cuda device" in printed.output, printed.output

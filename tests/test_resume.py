@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import logging
 import random
 import signal
 import subprocess
@@ -10,6 +11,9 @@ import time
 
 import pytest
 from click.testing import CliRunner
+
+from streammerge.errors import Interrupted
+from streammerge.pipeline import Run, RunOptions, run
 
 from conftest import tree_hash
 from streammerge.cli import main
@@ -84,9 +88,15 @@ def test_ctrl_c_stops_at_a_safe_point_and_says_how_to_resume(deep_model, uninter
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate()
     assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1].startswith("error: interrupted during layer ")
     assert "re-run the same command to resume" in stderr.strip().splitlines()[-1]
-    subprocess.run(command(deep_model, out), check=True, capture_output=True)
+    resumed = subprocess.run(command(deep_model, out), check=True, capture_output=True, text=True)
     assert result_hashes(out) == expected
+    assert "resuming after layer" in resumed.stderr  # 20 files in, layer 0 is done
+    log = (out / "streammerge.log").read_text()
+    for layer in range(6):  # the finished layers' lines come again from the journal on resume
+        assert f"layer {layer}: " in resumed.stderr and f"INFO layer {layer}: " in log.split("resuming after")[-1]
 
 
 def test_a_different_run_is_refused_then_restarted(tiny_models, tmp_path):
@@ -103,3 +113,42 @@ def test_a_different_run_is_refused_then_restarted(tiny_models, tmp_path):
     assert again.exit_code == 0, again.output
     assert json.loads((out / "streammerge.json").read_text())["experts_after"] == 6
     assert (out / "notes.txt").read_text() == "kept"
+
+
+SMALL = RunOptions(ratio=0.5, samples=2, seqlen=16, device="cpu")
+
+
+def interrupt_at(monkeypatch, method):
+    def pressed(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Run, method, pressed)
+
+
+@pytest.mark.parametrize("method, message", [
+    ("measure", "interrupted during layer 0; finished layers are saved: re-run the same command to resume"),
+    ("model_card", "interrupted while writing the final files; every layer is saved: re-run the same command to finish"),
+])
+def test_ctrl_c_through_the_library_stays_a_keyboard_interrupt(tiny_models, tmp_path, monkeypatch, method, message):
+    """A caller's `except Exception` must not swallow Ctrl-C; the message still says how to go on."""
+    out = tmp_path / "out"
+    interrupt_at(monkeypatch, method)
+    with pytest.raises(KeyboardInterrupt) as interrupt:
+        try:
+            run(tiny_models("mixtral"), out, SMALL)
+        except Exception:  # noqa: BLE001 - what a careless caller does
+            pytest.fail("Ctrl-C was caught as an Exception")
+    assert isinstance(interrupt.value, Interrupted) and str(interrupt.value) == message
+    monkeypatch.undo()
+    run(tiny_models("mixtral"), out, SMALL)
+    assert (out / "config.json").is_file() and not (out / ".streammerge").exists()
+
+
+def test_a_layer_result_is_logged_when_chosen_not_after_the_next_layer(tiny_models, tmp_path, monkeypatch, caplog):
+    started = Run.process
+    monkeypatch.setattr(Run, "process", lambda self, layer: (logging.getLogger("streammerge").info(
+        "processing %d", layer), started(self, layer))[1])
+    with caplog.at_level(logging.INFO, logger="streammerge"):
+        run(tiny_models("mixtral"), tmp_path / "out", SMALL)
+    events = [m for m in caplog.messages if m.startswith(("processing", "layer "))]
+    assert [e.split(":")[0].split(",")[0] for e in events] == [
+        "processing 0", "layer 0", "processing 1", "layer 1", "processing 2", "layer 2"], events

@@ -32,9 +32,9 @@ from transformers import AutoConfig, PreTrainedTokenizerFast
 from transformers.utils.hub import convert_file_size_to_int
 
 from streammerge.arch import ArchSpec, spec_for
-from streammerge.calibration import DEFAULT_TEXT
 from streammerge.checkpoint import INDEX_NAME, SINGLE_NAME, save_json, save_shard
 from streammerge.errors import StreamMergeError
+from streammerge.options import DEFAULT_TEXT
 from streammerge.pipeline import shard_name
 from streammerge.plan import TensorTable, config_tensors
 

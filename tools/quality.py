@@ -19,10 +19,9 @@ from pathlib import Path
 import click
 
 from readme import write_section
-from streammerge.calibration import DEFAULT_TEXT
 from streammerge.evaluate import perplexity
-from streammerge.merge import ROUTERS
-from streammerge.pipeline import FEATURES, PROPAGATIONS, RunOptions, run
+from streammerge.options import DEFAULT_TEXT, FEATURES, PROPAGATIONS, ROUTERS, RunOptions
+from streammerge.pipeline import run
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "streammerge" / "examples"
