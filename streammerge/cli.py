@@ -14,7 +14,7 @@ import click
 from . import __version__
 from .errors import Interrupted, StreamMergeError
 from .options import (DEFAULT_TEXT, DTYPES, FEATURES, LINKAGES, MERGES, METHODS, METRICS, PROPAGATIONS, ROUTERS,
-                      RunOptions)
+                      RunOptions, check_target)
 from .units import human_bytes
 
 log = logging.getLogger("streammerge")
@@ -96,6 +96,7 @@ def run_options(command):
 @click.option("--restart", is_flag=True, help="Discard an unfinished or different run in OUT_DIR (only files streammerge made).")
 def run(model_dir: Path, out_dir: Path, **kwargs) -> None:
     """Merge the experts of MODEL_DIR into a smaller checkpoint in OUT_DIR (resumes an interrupted run)."""
+    check_target(kwargs["ratio"], kwargs["experts"])  # before the seconds of importing torch
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from .pipeline import run as run_pipeline
@@ -200,6 +201,7 @@ def plan(model_dir: Path, as_json: bool, **kwargs) -> None:
     """
     import json
 
+    check_target(kwargs["ratio"], kwargs["experts"])  # before the seconds of importing torch
     from .plan import describe, plan_model
 
     result = plan_model(model_dir, RunOptions(**kwargs))

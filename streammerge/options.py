@@ -48,19 +48,26 @@ class RunOptions:
         return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
 
 
-def target_experts(num_experts: int, ratio: float | None, experts: int | None) -> int:
-    """K = E - round(E * ratio) (the REAP convention), or K given directly; K = E removes nothing and is refused."""
+def check_target(ratio: float | None, experts: int | None) -> None:
+    """What can be refused of --ratio / --experts before the model is read."""
     if (ratio is None) == (experts is None):
         raise InputError("give exactly one of --ratio (fraction of experts removed) or --experts (experts kept)")
+    if ratio is not None and not 0 < ratio < 1:
+        raise InputError(f"--ratio {ratio} must be strictly between 0 and 1 (the fraction of experts removed, e.g. 0.5)")
+    if experts is not None and experts < 1:
+        raise InputError(f"--experts {experts} must be at least 1 (the routed experts kept per layer)")
+
+
+def target_experts(num_experts: int, ratio: float | None, experts: int | None) -> int:
+    """K = E - round(E * ratio) (the REAP convention), or K given directly; K = E removes nothing and is refused."""
+    check_target(ratio, experts)
     if experts is not None:
-        if not 1 <= experts <= num_experts:
+        if experts > num_experts:
             raise InputError(f"--experts {experts} is outside 1..{num_experts}: the model has {num_experts} experts per layer")
         if experts == num_experts:
             raise InputError(f"--experts {experts} keeps all {num_experts} experts, so nothing would be removed: "
                              f"pass fewer, e.g. --experts {num_experts // 2}")
         return experts
-    if not 0 < ratio < 1:
-        raise InputError(f"--ratio {ratio} must be strictly between 0 and 1 (the fraction of experts removed, e.g. 0.5)")
     k = num_experts - round(num_experts * ratio)
     if k < 1:
         raise InputError(f"--ratio {ratio} would leave no expert of {num_experts}: use a smaller ratio")

@@ -66,7 +66,7 @@ def test_dense_model(mixtral_copy, tmp_path):
     (["--ratio", "1"], "between 0 and 1"),
     (["--ratio", "-0.2"], "between 0 and 1"),
     (["--experts", "9"], "outside 1..8"),
-    (["--experts", "0"], "outside 1..8"),
+    (["--experts", "0"], "at least 1"),
     (["--experts", "8"], "nothing would be removed"),
     (["--ratio", "0.05"], "removes no expert"),
     ([], "exactly one of --ratio"),
@@ -101,6 +101,8 @@ def imported_modules(*args):
     (["run", "--help"], 0),
     (["run"], 2),  # a missing argument
     (["run", "in", "out", "--method", "bogus"], 2),
+    (["run", "in", "out", "--ratio", "1.5"], 2),
+    (["plan", "in", "--ratio", "0.5", "--experts", "4"], 2),
 ])
 def test_help_and_argument_errors_do_not_import_torch(args, code):
     modules, returncode = imported_modules(*args)
