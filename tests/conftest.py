@@ -1,4 +1,5 @@
 import hashlib
+import signal
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,12 @@ def tree_hash(directory: Path) -> str:
             digest.update(str(path.relative_to(directory)).encode())
             digest.update(path.read_bytes())
     return digest.hexdigest()
+
+
+def default_sigint() -> None:
+    """`preexec_fn` of a child that must receive Ctrl-C. A shell starts background jobs (`nohup pytest &`) with
+    SIGINT ignored, children inherit that, and Python then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.fixture(scope="session")

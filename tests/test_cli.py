@@ -8,7 +8,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from conftest import tree_hash
+from conftest import default_sigint, tree_hash
 from streammerge.cli import main
 
 FAST = ["--samples", "2", "--seqlen", "16", "--device", "cpu"]
@@ -124,7 +124,7 @@ def test_ctrl_c_during_startup_imports_prints_one_line(tmp_path):
         "main()\n"
     )
     process = subprocess.run([sys.executable, "-c", interrupt_at_torch, "plan", str(tmp_path), "--ratio", "0.5"],
-                             capture_output=True, text=True)
+                             capture_output=True, text=True, preexec_fn=default_sigint)
     assert process.returncode == 130, process.stderr
     assert process.stderr.strip() == "error: interrupted before anything was saved: re-run the same command to start again"
 

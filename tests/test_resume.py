@@ -12,7 +12,7 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from conftest import tree_hash
+from conftest import default_sigint, tree_hash
 from streammerge.cli import main
 from streammerge.errors import Interrupted
 from streammerge.pipeline import Run, RunOptions, run
@@ -82,7 +82,8 @@ def test_sigkill_at_random_instants_then_resume_is_byte_identical(deep_model, un
 def test_ctrl_c_stops_at_a_safe_point_and_says_how_to_resume(deep_model, uninterrupted, tmp_path):
     expected = uninterrupted
     out = tmp_path / "out"
-    process = subprocess.Popen(command(deep_model, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command(deep_model, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=default_sigint)
     wait_for_new_files(process, out, 20, set())
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate()
