@@ -394,17 +394,17 @@ def placement(plan: Plan, free: int) -> Placement | None:
     return Placement(False, rows) if rows >= MIN_EXPERT_ROWS else None
 
 
-def preflight(plan: Plan, out_dir: Path, device: torch.device | None = None) -> Placement:
+def preflight(plan: Plan, out_dir: Path, reused: int, device: torch.device | None = None) -> Placement:
     """Refuse to start when disk, RAM or device memory is short, with the numbers, before any heavy work; the
     placement that fits the memory free on `device` (the one the user named, e.g. cuda:1).
 
-    Output files already in out_dir (a resumed run) count as written.
+    `reused`: bytes of the files an earlier run left in out_dir (its shards, hidden states and copies), which
+    a resume builds on and --restart deletes first; they count as free.
     """
     out_dir = Path(out_dir)
-    written = sum(p.stat().st_size for p in out_dir.glob("*.safetensors")) if out_dir.is_dir() else 0
     existing = next(p for p in (out_dir, *out_dir.resolve().parents) if p.exists())
     free = shutil.disk_usage(existing).free
-    needed = plan.disk_needed - written
+    needed = plan.disk_needed - reused
     if free < needed:
         raise InsufficientResourcesError(
             f"not enough disk on {existing}: the run needs {_gb(needed)} more ({_parts(plan.disk)}), {_gb(free)} "

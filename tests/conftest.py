@@ -1,7 +1,9 @@
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file, save_file
 
 from tiny_models import FAMILIES, make_model
 
@@ -13,6 +15,15 @@ def tree_hash(directory: Path) -> str:
             digest.update(str(path.relative_to(directory)).encode())
             digest.update(path.read_bytes())
     return digest.hexdigest()
+
+
+def edit_tensor(model_dir: Path, name: str, edit, shard: str | None = None) -> None:
+    """Rewrite one tensor of a checkpoint's shard (the index's, unless given) in place: same dtype and shape, so
+    every file keeps its size."""
+    shard = shard or json.loads((Path(model_dir) / "model.safetensors.index.json").read_text())["weight_map"][name]
+    tensors = load_file(Path(model_dir) / shard)
+    tensors[name] = edit(tensors[name].clone())
+    save_file(tensors, Path(model_dir) / shard, metadata={"format": "pt"})
 
 
 @pytest.fixture(scope="session")
