@@ -75,7 +75,7 @@ from .arch import LAYER_PREFIX, ArchSpec
 from .errors import InputError, InsufficientResourcesError
 from .model import WEIGHT_SUFFIXES, Model, open_config
 from .routed import Placement
-from .pipeline import SAMPLED_TOKENS_PER_CHUNK, SCORED_TOKENS, RunOptions, resolve_dtype, target_experts
+from .pipeline import SAMPLED_TOKENS_PER_CHUNK, SCORED_TOKENS, RunOptions, check_options, resolve_dtype, target_experts
 
 HOST_BASELINE_BYTES = 500_000_000
 CUDA_CONTEXT_BYTES = 500_000_000
@@ -183,8 +183,6 @@ def estimate(spec: ArchSpec, config, tensors: TensorTable, options: RunOptions, 
     ("cuda" or "cpu"); `attention` is the layer's attention implementation, by default the family's own
     (the runner's)."""
     attention = attention or spec.attn_implementation
-    if min(options.samples, options.seqlen, options.batch) < 1:
-        raise InputError("--samples, --seqlen and --batch must each be at least 1")
     experts = spec.num_experts(config)
     k = target_experts(experts, options.ratio, options.experts)
     spec.check_experts_kept(config, k)  # group-limited routing, as run refuses it
@@ -333,6 +331,7 @@ def _config_only(model_dir: Path) -> bool:
 
 def plan_model(model_dir: Path, options: RunOptions) -> Plan:
     """The plan for MODEL_DIR: from its safetensors headers, or from config.json alone when it has no weights."""
+    check_options(options)
     model_dir = Path(model_dir)
     device = planned_device(options.device)
     if not _config_only(model_dir):
