@@ -191,12 +191,12 @@ class Journal:
         """Delete what streammerge created here and nothing else. The run is marked as being discarded first,
         and the files that make an output look complete go before the rest, so a kill midway leaves neither
         a partial output that looks complete nor one that looks foreign: the next run finishes the job."""
-        marker = {"discarding": True, "files": files}
+        marker = {"discarding": True, "files": files, "num_layers": 0}  # no layer of it is kept
         if self.manifest_path.is_file():
             save_json(self.manifest_path, marker)
         else:
             self._create(marker)
-        for name in sorted(files, key=lambda name: name not in MARKERS):
+        for name in sorted(files, key=lambda name: MARKERS.index(name) if name in MARKERS else len(MARKERS)):
             (self.out_dir / name).unlink(missing_ok=True)
             staged_path(self.out_dir / name).unlink(missing_ok=True)
         fsync_dir(self.out_dir)

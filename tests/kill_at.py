@@ -4,7 +4,8 @@ file system, so that tests kill a run at an exact instant instead of a racy one.
     python tests/kill_at.py SCENARIOS_JSON
 
 SCENARIOS_JSON is a list of {"args": [...], "after": n, "trace": path}; each runs in turn in a child forked
-from this process, which imports torch and transformers once for all of them. A change is a rename, unlink,
+from this process, which imports torch and transformers once for all of them ({"copy": [source, target]}
+copies a directory between them). A change is a rename, unlink,
 mkdir or rmdir (every file streammerge writes is renamed into place); after n of them the child SIGKILLs itself
 (n = 0: it runs to the end), or with "pause": true it writes its pid to "trace" + ".paused" and waits there
 to be killed. "trace", when given, receives each change as it happens, one "operation path" per line.
@@ -13,6 +14,7 @@ Prints the children's exit codes (-9 for a kill) as a JSON list.
 
 import json
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -61,11 +63,15 @@ def child(args: list[str], after: int, trace: str | None, pause: bool) -> None:
 
 
 def run(scenarios: list[dict]) -> list[int]:
-    model_dirs = {s["args"][1] for s in scenarios if s["args"][0] == "run"}
+    model_dirs = {s["args"][1] for s in scenarios if s.get("args", [None])[0] == "run"}
     for model_dir in model_dirs:  # transformers imports a family's classes on first use: once, not per child
         Model.open(Path(model_dir)).tokenizer()
     codes = []
     for scenario in scenarios:
+        if "copy" in scenario:
+            shutil.copytree(*scenario["copy"])
+            codes.append(0)
+            continue
         pid = os.fork()
         if pid == 0:
             child(scenario["args"], scenario.get("after", 0), scenario.get("trace"), scenario.get("pause", False))

@@ -147,16 +147,17 @@ def traced(tiny_models, tmp_path_factory):
     first_finalize = next(i for i, c in enumerate(changes, 1) if c.startswith("replace") and c.endswith(
         max(c.split()[-1] for c in changes if "/model-" in c)))  # the last shard: the non-layer tensors
     before_finalize = directory / "before-finalize"
-    assert in_children({"args": run_args(model_dir, before_finalize), "after": first_finalize - 1}) == [-9]
-    shutil.copytree(before_finalize, directory / "resumed")
-    assert in_children({"args": run_args(model_dir, directory / "resumed"), "trace": str(directory / "resumed-trace")}) == [0]
+    assert in_children({"args": run_args(model_dir, before_finalize), "after": first_finalize - 1},
+                       {"copy": [str(before_finalize), str(directory / "resumed")]},
+                       {"args": run_args(model_dir, directory / "resumed"), "trace": str(directory / "resumed-trace")}
+                       ) == [-9, 0, 0]
     assert result_hashes(directory / "resumed") == result_hashes(directory / "out")
     return {"startup": changes[:next(i for i, c in enumerate(changes) if "/hidden" in c)],
             "finalize": (directory / "resumed-trace").read_text().splitlines(), "before_finalize": before_finalize,
             "expected": result_hashes(directory / "out"), "names": only_the_output(directory / "out")}
 
 
-def kill_and_resume(model_dir, tmp_path, traced, instants, start=None):
+def kill_and_resume(model_dir, tmp_path, traced, changes, instants, start=None):
     """For each of these instants, kill a run (fresh, or resuming a copy of `start`) right after its n-th change
     to the file system, resume it, and get the uninterrupted run's bytes and files."""
     outs = [tmp_path / f"out-{i}" for i in instants]
@@ -167,7 +168,7 @@ def kill_and_resume(model_dir, tmp_path, traced, instants, start=None):
         scenarios += [{"args": run_args(model_dir, out), "after": instant}, {"args": run_args(model_dir, out)}]
     codes = in_children(*scenarios)
     for instant, out, killed, resumed in zip(instants, outs, codes[::2], codes[1::2]):
-        where = f"killed after change {instant}"
+        where = f"killed after change {instant}: {changes[instant - 1]}"
         assert (killed, resumed) == (-9, 0), where
         assert result_hashes(out) == traced["expected"], where
         assert only_the_output(out) == traced["names"], where
@@ -178,17 +179,15 @@ def test_sigkill_in_the_first_moments_then_resume_is_byte_identical(tiny_models,
     left out_dir refused as foreign, with or without --restart): not stuck, and resumable."""
     changes = traced["startup"]
     instants = [i for i, c in enumerate(changes, 1) if every_instant or "/.streammerge" in c]
-    kill_and_resume(tiny_models("mixtral"), tmp_path, traced, instants)
+    kill_and_resume(tiny_models("mixtral"), tmp_path, traced, changes, instants)
 
 
-def test_sigkill_during_finalize_and_cleanup_then_resume_is_byte_identical(tiny_models, traced, tmp_path, every_instant):
-    """Killed at instants of the finalize (shards, copies, card, index, config.json) and of the work directory's
-    removal after it: resumable, never stuck or wrong."""
+def test_sigkill_during_finalize_and_cleanup_then_resume_is_byte_identical(tiny_models, traced, tmp_path):
+    """Killed after each change of the finalize (shards, copies, card, index, config.json) and of the work
+    directory's removal after it: resumable, never stuck or wrong."""
     changes = traced["finalize"]
-    instants = range(1, len(changes) + 1) if every_instant else [
-        i for i, c in enumerate(changes, 1)
-        if c.endswith(("README.md", "/config.json", ".streammerge.old", "layer-00001.json"))]
-    kill_and_resume(tiny_models("mixtral"), tmp_path, traced, instants, start=traced["before_finalize"])
+    instants = range(1, len(changes) + 1)
+    kill_and_resume(tiny_models("mixtral"), tmp_path, traced, changes, instants, start=traced["before_finalize"])
 
 
 @pytest.fixture
@@ -266,13 +265,12 @@ def test_sigkill_during_restart_never_leaves_a_partial_output_that_looks_complet
     model_dir = tiny_models("mixtral")
     other = ["--ratio", "0.25"]
     complete, expected = tmp_path / "complete", tmp_path / "expected"
-    assert in_children({"args": run_args(model_dir, complete)}, {"args": run_args(model_dir, expected, *other)}) == [0, 0]
     instants = [7, 12]
-    for instant in instants:
-        shutil.copytree(complete, tmp_path / f"out-{instant}")
-    killed = in_children(*[{"args": run_args(model_dir, tmp_path / f"out-{instant}", *other, "--restart"),
-                            "after": instant} for instant in instants])
-    assert killed == [-9] * len(instants)
+    codes = in_children({"args": run_args(model_dir, complete)}, {"args": run_args(model_dir, expected, *other)},
+                        *[{"copy": [str(complete), str(tmp_path / f"out-{i}")]} for i in instants],
+                        *[{"args": run_args(model_dir, tmp_path / f"out-{i}", *other, "--restart"), "after": i}
+                          for i in instants])
+    assert codes == [0, 0] + [0] * len(instants) + [-9] * len(instants)
     for instant in instants:
         out = tmp_path / f"out-{instant}"
         if (out / "config.json").exists():
