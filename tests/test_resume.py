@@ -154,7 +154,8 @@ def traced(tiny_models, tmp_path_factory):
     assert result_hashes(directory / "resumed") == result_hashes(directory / "out")
     return {"startup": changes[:next(i for i, c in enumerate(changes) if "/hidden" in c)],
             "finalize": (directory / "resumed-trace").read_text().splitlines(), "before_finalize": before_finalize,
-            "expected": result_hashes(directory / "out"), "names": only_the_output(directory / "out")}
+            "out": directory / "out", "expected": result_hashes(directory / "out"),
+            "names": only_the_output(directory / "out")}
 
 
 def kill_and_resume(model_dir, tmp_path, traced, changes, instants, start=None):
@@ -259,18 +260,17 @@ def test_a_second_run_into_the_same_out_dir_is_refused(tiny_models, tmp_path):
     assert CliRunner().invoke(main, run_args(model_dir, out)).exit_code == 0
 
 
-def test_sigkill_during_restart_never_leaves_a_partial_output_that_looks_complete(tiny_models, tmp_path):
+def test_sigkill_during_restart_never_leaves_a_partial_output_that_looks_complete(tiny_models, traced, tmp_path):
     """`--restart` over a complete output, killed while it deletes the old files: config.json goes first, and
     the same command then finishes the job."""
     model_dir = tiny_models("mixtral")
-    other = ["--ratio", "0.25"]
-    complete, expected = tmp_path / "complete", tmp_path / "expected"
+    other, expected = ["--ratio", "0.25"], tmp_path / "expected"
     instants = [7, 12]
-    codes = in_children({"args": run_args(model_dir, complete)}, {"args": run_args(model_dir, expected, *other)},
-                        *[{"copy": [str(complete), str(tmp_path / f"out-{i}")]} for i in instants],
+    codes = in_children({"args": run_args(model_dir, expected, *other)},
+                        *[{"copy": [str(traced["out"]), str(tmp_path / f"out-{i}")]} for i in instants],
                         *[{"args": run_args(model_dir, tmp_path / f"out-{i}", *other, "--restart"), "after": i}
                           for i in instants])
-    assert codes == [0, 0] + [0] * len(instants) + [-9] * len(instants)
+    assert codes == [0] + [0] * len(instants) + [-9] * len(instants)
     for instant in instants:
         out = tmp_path / f"out-{instant}"
         if (out / "config.json").exists():
