@@ -221,14 +221,17 @@ class PickleError(ValueError):
 
 
 def read_header(path: Path) -> tuple[int, dict]:
-    """A safetensors file's header length and parsed header; struct, JSON or `PickleError` errors when it is
-    not one."""
+    """A safetensors file's header length and parsed header; a struct or JSON error when it is not one, a
+    `PickleError` when it is not one and starts as PyTorch's pickles do (a zip, or a pickle protocol byte)."""
     with open(path, "rb") as raw:
         start = raw.read(8)
-        if start.startswith((b"PK\x03\x04", b"\x80")):
-            raise PickleError(path)
-        length = struct.unpack("<Q", start)[0]
-        return length, json.loads(raw.read(length))
+        try:
+            length = struct.unpack("<Q", start)[0]
+            return length, json.loads(raw.read(length))
+        except (struct.error, ValueError, MemoryError, OverflowError):
+            if start.startswith((b"PK\x03\x04", b"\x80")):
+                raise PickleError(path) from None
+            raise
 
 
 def sampled_digest(path: Path) -> str:
