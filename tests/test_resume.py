@@ -84,7 +84,9 @@ def test_sigkill_at_random_instants_then_resume_is_byte_identical(deep_model, un
 def test_ctrl_c_stops_at_a_safe_point_and_says_how_to_resume(deep_model, uninterrupted, tmp_path):
     expected = uninterrupted
     out = tmp_path / "out"
-    process = subprocess.Popen(command(deep_model, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell's background job ignores SIGINT, and its children inherit that: the run must get it as from a terminal.
+    process = subprocess.Popen(command(deep_model, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     wait_for_new_files(process, out, 20, set())
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate()
