@@ -11,26 +11,32 @@ from safetensors.torch import load_file
 
 from .checkpoint import save_shard
 from .errors import InputError
+from .options import check_text_file
 
 
 def read_documents(path: Path) -> list[str]:
     """Plain text is one document; JSONL gives one document per line's `text` field."""
     path = Path(path)
-    if path.is_dir():
-        raise InputError(f"{path} is a directory, not a text file: pass one plain text or JSONL file")
-    if not path.is_file():
-        raise InputError(f"calibration file {path} does not exist: pass an existing text or JSONL file to --calib")
+    check_text_file(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"calibration file {path} is not UTF-8 text (byte {exc.start} is not): pass a text or "
+                         f"JSONL file to --calib") from exc
     if path.suffix == ".jsonl":
         documents = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for number, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
-                documents.append(json.loads(line)["text"])
-            except (ValueError, KeyError, TypeError) as exc:
-                raise InputError(f"{path}:{number} is not a JSON object with a 'text' field: fix that line") from exc
+                document = json.loads(line)["text"]
+                if not isinstance(document, str):
+                    raise TypeError(document)
+            except (ValueError, KeyError, TypeError, IndexError) as exc:
+                raise InputError(f"{path}:{number} is not a JSON object with a string 'text' field: fix that line") from exc
+            documents.append(document)
     else:
-        documents = [path.read_text(encoding="utf-8")]
+        documents = [text]
     documents = [d for d in documents if d.strip()]
     if not documents:
         raise InputError(f"calibration file {path} is empty: pass a file with text to --calib")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import hashlib
 import json
 import mmap
 import os
@@ -32,6 +33,9 @@ _DTYPES = {
 }
 _NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 PREFETCH_BLOCK = 1 << 20  # bytes per read: fits a core's L2 cache
+SAMPLE_BYTES = 4096  # of each tensor, in `sampled_digest`
+PICKLE_FIX = ("streammerge never unpickles: convert them first, e.g. "
+              "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(new_dir) in a trusted environment")
 
 
 def io_thread(name: str) -> ThreadPoolExecutor:
@@ -75,11 +79,7 @@ class CheckpointReader:
         elif (self.model_dir / SINGLE_NAME).is_file():
             weight_map = None
         elif any(self.model_dir.glob("*.bin")) or any(self.model_dir.glob("*.pt")):
-            raise CheckpointError(
-                f"{self.model_dir} holds only pickle weights (.bin/.pt); streammerge never unpickles: convert "
-                f"them first, e.g. AutoModelForCausalLM.from_pretrained(dir).save_pretrained(new_dir) in a "
-                f"trusted environment"
-            )
+            raise CheckpointError(f"{self.model_dir} holds only pickle weights (.bin/.pt); {PICKLE_FIX}")
         else:
             raise CheckpointError(
                 f"no safetensors weights in {self.model_dir}: expected {SINGLE_NAME} or {INDEX_NAME}"
@@ -101,16 +101,19 @@ class CheckpointReader:
             raise CheckpointError(f"shard {shard} is truncated or corrupt ({exc}): re-download it") from exc
 
     def _read_header(self, shard: str, names: list[str]) -> None:
-        with open(self.model_dir / shard, "rb") as raw:
+        try:
+            length, header = read_header(self.model_dir / shard)
+        except PickleError:
+            raise CheckpointError(f"shard {shard} is a pickle file (PyTorch .bin), not safetensors; {PICKLE_FIX}") from None
+        except (struct.error, ValueError, MemoryError, OverflowError) as exc:
+            raise CheckpointError(f"shard {shard} is truncated or corrupt ({exc}): re-download it") from exc
+        for name in (n for n in names if n in header):  # a name missing from the shard is said below
             try:
-                length = struct.unpack("<Q", raw.read(8))[0]
-                header = json.loads(raw.read(length))
-            except (struct.error, ValueError, MemoryError, OverflowError) as exc:
-                raise CheckpointError(f"shard {shard} is truncated or corrupt ({exc}): re-download it") from exc
-        for name in names:
-            if name in header:
                 begin, end = header[name]["data_offsets"]
-                self.ranges[name] = (shard, 8 + length + begin, 8 + length + end)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise CheckpointError(f"shard {shard} is truncated or corrupt (its header entry for {name} has no "
+                                      f"valid data_offsets): re-download it") from exc
+            self.ranges[name] = (shard, 8 + length + begin, 8 + length + end)
         with self._open(shard) as f:
             present = set(f.keys())
             for name in names:
@@ -213,6 +216,41 @@ def drop_cached(path: Path, offset: int = 0, length: int = 0) -> None:
         os.close(fd)
 
 
+class PickleError(ValueError):
+    """A weights file that is a pickle (PyTorch's zip or plain format), which streammerge never loads."""
+
+
+def read_header(path: Path) -> tuple[int, dict]:
+    """A safetensors file's header length and parsed header; a struct or JSON error when it is not one, a
+    `PickleError` when it is not one and starts as PyTorch's pickles do (a zip, or a pickle protocol byte)."""
+    with open(path, "rb") as raw:
+        start = raw.read(8)
+        try:
+            length = struct.unpack("<Q", start)[0]
+            return length, json.loads(raw.read(length))
+        except (struct.error, ValueError, MemoryError, OverflowError):
+            if start.startswith((b"PK\x03\x04", b"\x80")):
+                raise PickleError(path) from None
+            raise
+
+
+def sampled_digest(path: Path) -> str:
+    """Hash of a safetensors file's header and SAMPLE_BYTES from the middle of each tensor: a cheap check that a
+    file is the one seen before (a retrained or re-quantized checkpoint changes every tensor), reading a few
+    KB per tensor instead of the file."""
+    length, header = read_header(path)
+    digest = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for name in sorted(n for n in header if n != "__metadata__"):
+            begin, end = (8 + length + offset for offset in header[name]["data_offsets"])
+            start = max(begin, (begin + end - SAMPLE_BYTES) // 2)
+            digest.update(os.pread(fd, min(SAMPLE_BYTES, end - start), start))
+    finally:
+        os.close(fd)
+    return digest.hexdigest()
+
+
 def _numel(shape) -> int:
     n = 1
     for s in shape:
@@ -220,7 +258,7 @@ def _numel(shape) -> int:
     return n
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -262,7 +300,7 @@ def publish(path: Path) -> None:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
 
 def atomic_write(path: Path, write) -> None:
@@ -330,7 +368,10 @@ def read_shard(path: Path) -> dict[str, torch.Tensor]:
 
 
 def save_json(path: Path, obj) -> None:
-    text = json.dumps(obj, indent=2, sort_keys=False) + "\n"
+    save_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def save_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 

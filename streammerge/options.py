@@ -48,6 +48,25 @@ class RunOptions:
         return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
 
 
+def check_text_file(path: Path, option: str = "--calib") -> None:
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{option} {path} is a directory: pass a text or JSONL file")
+    if not path.is_file():
+        raise InputError(f"calibration file {path} does not exist: pass an existing text or JSONL file to {option}")
+
+
+def check_options(options: RunOptions) -> None:
+    """Refuse option values no run can use, before any state is built."""
+    for name in ("samples", "seqlen", "batch"):
+        value = getattr(options, name)
+        if value < 1:
+            raise InputError(f"--{name} {value} must be at least 1")
+    check_text_file(options.calib)
+    if options.eval_text is not None:
+        check_text_file(options.eval_text, "--eval-text")
+
+
 def check_target(ratio: float | None, experts: int | None) -> None:
     """What can be refused of --ratio / --experts before the model is read."""
     if (ratio is None) == (experts is None):

@@ -24,14 +24,15 @@ from tqdm import tqdm
 from . import __version__
 from .arch import ArchSpec
 from .calibration import HiddenStates, sample_windows
-from .checkpoint import (INDEX_NAME, CheckpointReader, Deferred, drop_cached, io_thread, materialize, publish,
-                         read_shard, release_pages, save_json, save_shard, stage_shard, staged_path)
+from .checkpoint import (INDEX_NAME, CheckpointReader, Deferred, atomic_write, drop_cached, io_thread, materialize,
+                         publish, read_shard, release_pages, sampled_digest, save_json, save_shard, save_text,
+                         stage_shard, staged_path)
 from .cluster import cluster_experts, prune_experts
 from .errors import CheckpointError, DeviceMemoryError, InputError, Interrupted
-from .journal import PROVENANCE, Journal
+from .journal import PROVENANCE, Journal, refuse_inside_input, source_digest
 from .merge import member_weights, merge_tensors, router_rows, router_vector
 from .model import Model
-from .options import RunOptions, target_experts
+from .options import RunOptions, check_options, target_experts
 from .routed import Placement, RoutedTokens
 from .runner import LayerRunner, reduced_config
 from .statistics import ExpertStatistics
@@ -192,11 +193,14 @@ class Run:
         options = {k: v for k, v in self.options.as_json().items() if k not in ignored}
         return {
             "input": self.model.fingerprint,
+            "input_shards": {shard: sampled_digest(self.model.dir / shard)
+                             for shard in sorted(set(self.model.reader.weight_map.values()))},
             "experts_kept": self.k,
             **options,
             **device_fields(self.device),
             "calibration_tokens": hashlib.sha256(self.tokens.numpy().tobytes()).hexdigest(),
             "versions": self.model.versions(),
+            "source": source_digest(),
         }
 
     def output_files(self) -> list[str]:
@@ -253,6 +257,7 @@ class Run:
         if layer in self.moe_layers:
             stats, held = self.measure(layer, module, source, target)
             del module
+            self.check_finite(layer, tensors, stats)
             _return_freed_heap()  # the experts' activation blocks: merging and scoring allocate other sizes
             plans = self.candidates(stats)
             outputs = {method: self.layer_tensors(layer, tensors, groups, stats) for method, groups in plans.items()}
@@ -299,6 +304,7 @@ class Run:
         if tensors is not None:
             record.update(self.stage(path, tensors))
         publish(path)
+        record["sample"] = sampled_digest(path)  # verified on resume
         # Neither the shard nor the layer's input is read again: their cached pages go before the next
         # layer's prefetch needs the room.
         drop_cached(path)
@@ -381,6 +387,19 @@ class Run:
                     [o.to("cpu") for o in outputs])
         return stats.to_host(), held
 
+    def check_finite(self, layer: int, tensors: dict, stats: ExpertStatistics) -> None:
+        """Refuse NaN or Inf, which would merge into every expert it touches and score as a NaN error. Every
+        expert's weights reach the statistics, so only when those are not finite are the weights scanned,
+        for the tensor to name."""
+        if torch.isfinite(stats.output_sum).all() and torch.isfinite(stats.distance_sum).all():
+            return
+        for name, tensor in tensors.items():
+            tensor = materialize(tensor)
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise CheckpointError(f"{name} holds NaN or Inf values: the checkpoint is damaged; re-download it")
+        raise InputError(f"the MoE outputs of layer {layer} are NaN or Inf although its weights are finite: an earlier "
+                         f"layer's weights hold NaN or Inf, or --dtype {self.options.dtype} overflows; try --dtype float32")
+
     def candidates(self, stats: ExpertStatistics) -> dict[str, list[list[int]]]:
         opts = self.options
         wanted = ("hcsmoe", "prune-freq", "prune-reap") if opts.method == "auto" else (opts.method,)
@@ -440,7 +459,7 @@ class Run:
         global_names = [n for n in reader.weight_map if n in self.spec.global_tensors or self.spec.is_passthrough(n)]
         save_shard(self.out_dir / globals_shard, reader.read(global_names))
         for path in self.model.extra_files():
-            shutil.copyfile(path, self.out_dir / path.name)
+            atomic_write(self.out_dir / path.name, partial(shutil.copyfile, path))
         weight_map = {name: globals_shard for name in global_names}
         for record in records:
             weight_map.update({name: record["shard"] for name in record["tensors"]})
@@ -460,7 +479,7 @@ class Run:
                        for r in records],
         }
         save_json(self.out_dir / PROVENANCE, provenance)
-        (self.out_dir / "README.md").write_text(self.model_card(provenance))
+        save_text(self.out_dir / "README.md", self.model_card(provenance))
         save_json(self.out_dir / INDEX_NAME, {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))})
         save_json(self.out_dir / "config.json", self.model.reduced_config_dict(self.k))
         self.journal.close()
@@ -526,30 +545,35 @@ def run(model_dir: Path, out_dir: Path, options: RunOptions) -> dict:
     started = time.monotonic()
     from .plan import estimate, planned_device, preflight  # plan imports this module
 
+    check_options(options)
+    refuse_inside_input(model_dir, out_dir)
     _reuse_freed_blocks()
     deterministic(resolve_device(options.device))
     state = Run(model_dir, out_dir, options)
-    state.placement = preflight(estimate(state.spec, state.config, state.model.tensor_table, options,
-                                         planned_device(options.device)), state.out_dir, state.device)
-    status = state.journal.open(state.signature_fields(), state.output_files(), state.num_layers, options.restart)
-    if status == "complete":
-        log.info("%s already holds this run's complete output; nothing to do", out_dir)
-        return state.summary(started)
-    handler = logging.FileHandler(state.out_dir / "streammerge.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logging.getLogger("streammerge").addHandler(handler)
-    try:
-        _loop(state)
-        if options.eval_text is not None:
-            try:
-                record_perplexity(Path(model_dir), state.out_dir, options)
-            except KeyboardInterrupt:
-                raise Interrupted(f"interrupted while measuring perplexity; the output in {out_dir} is complete: "
-                                  f"`streammerge eval {out_dir} --text {options.eval_text}` measures it") from None
-        return state.summary(started)
-    finally:
-        logging.getLogger("streammerge").removeHandler(handler)
-        handler.close()
+    with state.journal.locked():
+        fields = state.signature_fields()
+        if state.journal.check(fields, options.restart) == "complete" and not options.restart:
+            state.journal.close()  # what a kill during the last cleanup left
+            log.info("%s already holds this run's complete output; nothing to do", out_dir)
+            return state.summary(started)
+        plan = estimate(state.spec, state.config, state.model.tensor_table, options, planned_device(options.device))
+        state.placement = preflight(plan, state.out_dir, state.journal.footprint(), state.device)
+        state.journal.open(fields, state.output_files(), state.num_layers, options.restart)
+        handler = logging.FileHandler(state.out_dir / "streammerge.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logging.getLogger("streammerge").addHandler(handler)
+        try:
+            _loop(state)
+            if options.eval_text is not None:
+                try:
+                    record_perplexity(Path(model_dir), state.out_dir, options)
+                except KeyboardInterrupt:
+                    raise Interrupted(f"interrupted while measuring perplexity; the output in {out_dir} is complete: "
+                                      f"`streammerge eval {out_dir} --text {options.eval_text}` measures it") from None
+            return state.summary(started)
+        finally:
+            logging.getLogger("streammerge").removeHandler(handler)
+            handler.close()
 
 
 def record_perplexity(model_dir: Path, out_dir: Path, options: RunOptions) -> None:
@@ -581,10 +605,10 @@ def _loop(state: Run) -> None:
                 state.log_result(record)
     if first < state.num_layers:  # the first layer's reads overlap the embedding; later ones, the layer before
         state.model.reader.prefetch(state.model.layer_names(first))
-    if first == 0 or not state.hidden(first).complete():
-        if first:
-            raise CheckpointError(f"the work directory lost the hidden states of layer {first}: re-run with --restart")
+    if first == 0:
         state.embed()
+    elif first < state.num_layers and not state.hidden(first).complete():
+        raise CheckpointError(f"the work directory lost the hidden states of layer {first}: re-run with --restart")
     layer = first
     saved: Future | None = None
     try:

@@ -78,7 +78,7 @@ import torch
 from .arch import LAYER_PREFIX, ArchSpec
 from .errors import InputError, InsufficientResourcesError
 from .model import WEIGHT_SUFFIXES, Model, open_config
-from .options import RunOptions, target_experts
+from .options import RunOptions, check_options, target_experts
 from .pipeline import SAMPLED_TOKENS_PER_CHUNK, SCORED_TOKENS, resolve_dtype
 from .routed import Placement
 from .units import human_bytes, human_flops, human_seconds
@@ -195,8 +195,6 @@ def estimate(spec: ArchSpec, config, tensors: TensorTable, options: RunOptions, 
     ("cuda" or "cpu"); `attention` is the layer's attention implementation, by default the family's own
     (the runner's)."""
     attention = attention or spec.attn_implementation
-    if min(options.samples, options.seqlen, options.batch) < 1:
-        raise InputError("--samples, --seqlen and --batch must each be at least 1")
     experts = spec.num_experts(config)
     k = target_experts(experts, options.ratio, options.experts)
     spec.check_experts_kept(config, k)  # group-limited routing, as run refuses it
@@ -366,6 +364,7 @@ def matmul_rate(device: str, dtype: torch.dtype) -> float | None:
 def plan_model(model_dir: Path, options: RunOptions) -> Plan:
     """The plan for MODEL_DIR: from its safetensors headers, or from config.json alone when it has no weights,
     with the compute time at the matmul rate of this machine's planned device."""
+    check_options(options)
     model_dir = Path(model_dir)
     device = planned_device(options.device)
     if not _config_only(model_dir):
@@ -433,17 +432,17 @@ def placement(plan: Plan, free: int) -> Placement | None:
     return Placement(False, rows) if rows >= MIN_EXPERT_ROWS else None
 
 
-def preflight(plan: Plan, out_dir: Path, device: torch.device | None = None) -> Placement:
+def preflight(plan: Plan, out_dir: Path, reused: int, device: torch.device | None = None) -> Placement:
     """Refuse to start when disk, RAM or device memory is short, with the numbers, before any heavy work; the
     placement that fits the memory free on `device` (the one the user named, e.g. cuda:1).
 
-    Output files already in out_dir (a resumed run) count as written.
+    `reused`: bytes of the files an earlier run left in out_dir (its shards, hidden states and copies), which
+    a resume builds on and --restart deletes first; they count as free.
     """
     out_dir = Path(out_dir)
-    written = sum(p.stat().st_size for p in out_dir.glob("*.safetensors")) if out_dir.is_dir() else 0
     existing = next(p for p in (out_dir, *out_dir.resolve().parents) if p.exists())
     free = shutil.disk_usage(existing).free
-    needed = plan.disk_needed - written
+    needed = plan.disk_needed - reused
     if free < needed:
         raise InsufficientResourcesError(
             f"not enough disk on {existing}: the run needs {human_bytes(needed)} more ({_parts(plan.disk)}), {human_bytes(free)} "

@@ -1,8 +1,10 @@
 import hashlib
+import json
 import signal
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file, save_file
 
 from tiny_models import FAMILIES, make_model
 
@@ -20,6 +22,15 @@ def default_sigint() -> None:
     """`preexec_fn` of a child that must receive Ctrl-C. A shell starts background jobs (`nohup pytest &`) with
     SIGINT ignored, children inherit that, and Python then never raises KeyboardInterrupt."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def edit_tensor(model_dir: Path, name: str, edit, shard: str | None = None) -> None:
+    """Rewrite one tensor of a checkpoint's shard (the index's, unless given) in place: same dtype and shape, so
+    every file keeps its size."""
+    shard = shard or json.loads((Path(model_dir) / "model.safetensors.index.json").read_text())["weight_map"][name]
+    tensors = load_file(Path(model_dir) / shard)
+    tensors[name] = edit(tensors[name].clone())
+    save_file(tensors, Path(model_dir) / shard, metadata={"format": "pt"})
 
 
 @pytest.fixture(scope="session")

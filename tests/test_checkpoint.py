@@ -89,3 +89,16 @@ def test_release_leaves_memory_that_is_not_a_mapped_shard_alone():
     copy = tensor.clone()
     release_pages(tensor)
     assert torch.equal(tensor, copy)
+
+
+def test_a_header_length_that_starts_like_a_pickle_is_still_safetensors(tmp_path):
+    """The first byte of a safetensors file is the low byte of its header's length; 0x80 is also how a pickle
+    starts, and taking it for one refused real checkpoints."""
+    tensors = {"model.embed_tokens.weight": torch.randn(4, 8)}
+    for pad in range(64):
+        save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt", "pad": "x" * pad})
+        if (tmp_path / "model.safetensors").read_bytes()[0] == 0x80:
+            break
+    assert (tmp_path / "model.safetensors").read_bytes()[0] == 0x80
+    assert torch.equal(CheckpointReader(tmp_path).read(list(tensors))["model.embed_tokens.weight"],
+                       tensors["model.embed_tokens.weight"])

@@ -3,14 +3,21 @@
 import errno
 import hashlib
 import json
+import os
 import shutil
+import struct
+import subprocess
 import time
+from dataclasses import replace
 
 import pytest
+import torch
 from click.testing import CliRunner
+from safetensors.torch import load_file
 
 import streammerge.checkpoint
-from conftest import tree_hash
+from conftest import edit_tensor, tree_hash
+from streammerge.checkpoint import INDEX_NAME
 from streammerge.cli import main
 from streammerge.errors import InsufficientResourcesError
 from streammerge.pipeline import Run, RunOptions, run
@@ -174,3 +181,199 @@ def test_preflight_refuses_too_little_ram(tiny_models, tmp_path, monkeypatch):
     monkeypatch.setattr("streammerge.plan.psutil.virtual_memory", lambda: memory(1000))
     with pytest.raises(InsufficientResourcesError, match=r"not enough RAM: .* lower --batch"):
         run(tiny_models("mixtral"), tmp_path / "out", RunOptions(ratio=0.5, samples=2, seqlen=16, device="cpu"))
+
+
+def run_cli(*args):
+    return CliRunner().invoke(main, ["run", *map(str, args)])
+
+
+def one_line_error(result, *phrases):
+    message = result.output.strip()
+    assert result.exit_code not in (0, None), message
+    assert message.startswith("error: ") and "\n" not in message, message
+    for phrase in phrases:
+        assert phrase in message, message
+    return message
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """mount(path, size, *options): a real tmpfs at path, unmounted after the test; skips unless root."""
+    mounted = []
+
+    def mount(path, size, *options):
+        if os.geteuid() != 0:
+            pytest.skip("mounting a tmpfs needs root")
+        path.mkdir(exist_ok=True)
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join([f"size={size}", *options]), "tmpfs", str(path)],
+                                capture_output=True, text=True)
+        if result.returncode:
+            pytest.skip(f"cannot mount a tmpfs in this sandbox: {result.stderr.strip()}")
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in reversed(mounted):
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def fill_disk(directory):
+    """Write a file until the file system is full."""
+    fd = os.open(directory / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, b"\0" * 65536)
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("option", ["--samples", "--seqlen", "--batch"])
+def test_a_count_option_of_zero_is_refused_before_anything(model, tmp_path, option):
+    refused(model, tmp_path / "out", f"{option} 0 must be at least 1", args=[*SMALL, option, "0"])
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("content, phrase", [
+    (bytes(range(256)) * 4, "not UTF-8 text"), ('{"text": 5}\n', "string 'text' field"), (None, "is a directory")])
+def test_unusable_calibration_file(model, tmp_path, content, phrase):
+    calib = tmp_path / "calib.jsonl"
+    if content is None:
+        calib.mkdir()
+    elif isinstance(content, bytes):
+        calib.write_bytes(content)
+    else:
+        calib.write_text(content)
+    refused(model, tmp_path / "out", phrase, args=[*SMALL, "--calib", calib])
+
+
+def test_out_dir_that_is_a_file(model, tmp_path):
+    (tmp_path / "out").write_text("mine")
+    refused(model, tmp_path / "out", "is a file")
+    assert (tmp_path / "out").read_text() == "mine"
+
+
+def test_out_dir_on_a_read_only_mount(model, tmp_path, tmpfs):
+    mount = tmpfs(tmp_path / "mnt", "1m", "ro")
+    for out in (mount, mount / "out"):
+        refused(model, out, "cannot write to out_dir", "Read-only file system")
+
+
+def test_out_dir_is_never_the_model_dir_nor_inside_it(model, tmp_path):
+    """An earlier output used as input: `--restart` into itself deleted it (and the message had suggested it)."""
+    earlier = tmp_path / "out1"
+    run(model, earlier, RunOptions(ratio=0.5, samples=2, seqlen=16, device="cpu"))
+    (tmp_path / "link").symlink_to(earlier)
+    before = tree_hash(earlier)
+    for out in (earlier, tmp_path / "link", earlier / "sub", tmp_path / "link" / "sub", earlier / ".." / "out1"):
+        message = one_line_error(run_cli(earlier, out, *SMALL, "--restart"), "streammerge only reads")
+        assert "--restart" not in message
+        assert tree_hash(earlier) == before
+    assert not (earlier / "sub").exists()
+
+
+def test_out_dir_holding_only_system_files_counts_as_empty(model, tmp_path):
+    out = tmp_path / "out"
+    (out / "lost+found").mkdir(parents=True)
+    (out / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    result = run_cli(model, out, *SMALL)
+    assert result.exit_code == 0, result.output
+    assert (out / "config.json").is_file() and (out / ".DS_Store").read_bytes() == b"\0\0\0\1Bud1"
+
+
+def test_safetensors_header_entry_without_data_offsets(model, tmp_path):
+    shard = shards(model)[0]
+    data = shard.read_bytes()
+    length = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + length])
+    del header[next(name for name in header if name != "__metadata__")]["data_offsets"]
+    shard.write_bytes(data[:8] + json.dumps(header).encode().ljust(length) + data[8 + length:])
+    refused(model, tmp_path / "out", shard.name, "truncated or corrupt", "data_offsets")
+
+
+def test_pickle_shard_listed_in_the_index(model, tmp_path):
+    index_path = model / INDEX_NAME
+    index = json.loads(index_path.read_text())
+    shard = shards(model)[0]
+    torch.save(load_file(shard), model / "pytorch_model-00001.bin")
+    shard.unlink()
+    index["weight_map"] = {k: "pytorch_model-00001.bin" if v == shard.name else v for k, v in index["weight_map"].items()}
+    index_path.write_text(json.dumps(index))
+    refused(model, tmp_path / "out", "pytorch_model-00001.bin", "pickle", "never unpickles")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nan_or_inf_in_an_expert_is_refused_naming_the_tensor(model, tmp_path, value):
+    name = "model.layers.1.block_sparse_moe.experts.3.w2.weight"
+
+    def damage(tensor):
+        tensor[0, 0] = value
+        return tensor
+
+    edit_tensor(model, name, damage)
+    refused(model, tmp_path / "out", name, "NaN or Inf", args=[*SMALL, "--method", "prune-freq"])
+    assert not (tmp_path / "out" / "streammerge.json").exists()
+
+
+@pytest.mark.parametrize("step", ["tokenizer", "card"])
+def test_disk_full_while_copying_the_tokenizer_or_writing_the_card(model, tmp_path, tmpfs, monkeypatch, step):
+    mount = tmpfs(tmp_path / "mnt", "16m")
+    if step == "tokenizer":
+        real_copy = shutil.copyfile
+
+        def copy_to_a_full_disk(source, target, **kwargs):
+            fill_disk(mount)
+            return real_copy(source, target, **kwargs)
+
+        monkeypatch.setattr(shutil, "copyfile", copy_to_a_full_disk)
+    else:
+        real_card = Run.model_card
+
+        def card_on_a_full_disk(self, provenance):
+            fill_disk(mount)
+            return real_card(self, provenance)
+
+        monkeypatch.setattr(Run, "model_card", card_on_a_full_disk)
+    out = mount / "out"
+    result = run_cli(model, out, *SMALL)
+    one_line_error(result, "disk full while writing", "re-run the same command to resume")
+    assert result.exit_code == 3
+    assert not (out / "config.json").exists() and not list(out.glob(".*.tmp"))
+    monkeypatch.undo()
+    (mount / "filler").unlink()
+    result = run_cli(model, out, *SMALL)
+    assert result.exit_code == 0, result.output
+
+
+def test_disk_check_counts_what_a_stopped_run_left(model, tmp_path, monkeypatch):
+    """On a disk just as large as the plan needs, a run stopped by a full disk resumes, and --restart runs: the
+    files already there (hidden states too) are reused or deleted first, so they count as free."""
+    from collections import namedtuple
+
+    from streammerge.plan import plan_model
+
+    options = RunOptions(ratio=0.5, samples=4, seqlen=16, batch=2, device="cpu")
+    out = tmp_path / "out"
+    capacity = plan_model(model, options).disk_needed + 4096  # a page for the lock file
+    usage = namedtuple("usage", "total used free")
+
+    def disk_usage(path):
+        used = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) if out.exists() else 0
+        return usage(capacity, used, capacity - used)
+
+    monkeypatch.setattr("streammerge.plan.shutil.disk_usage", disk_usage)
+    real_stage = Run.stage
+
+    def full_at_layer_1(path, tensors):
+        if path.name.startswith("model-00002-"):
+            raise InsufficientResourcesError(f"disk full while writing {path}")
+        return real_stage(path, tensors)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Run, "stage", staticmethod(full_at_layer_1))
+        with pytest.raises(InsufficientResourcesError):
+            run(model, out, options)
+    assert list((out / ".streammerge" / "hidden").iterdir())
+    run(model, out, options)
+    run(model, out, replace(options, restart=True))
