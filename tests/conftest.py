@@ -9,10 +9,10 @@ from safetensors.torch import load_file, save_file
 from tiny_models import FAMILIES, make_model
 
 
-def tree_hash(directory: Path) -> str:
+def tree_hash(directory: Path, ignore: set[str] = frozenset()) -> str:
     digest = hashlib.sha256()
     for path in sorted(Path(directory).rglob("*")):
-        if path.is_file():
+        if path.is_file() and path.name not in ignore:
             digest.update(str(path.relative_to(directory)).encode())
             digest.update(path.read_bytes())
     return digest.hexdigest()
