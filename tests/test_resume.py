@@ -55,8 +55,10 @@ def wait_for_new_files(process, out_dir, count, seen):
     """
     target = len(seen) + count
     while process.poll() is None and len(seen) < target:
-        if out_dir.exists():
+        try:  # a directory may be renamed away mid-scan (the work directory is built aside)
             seen.update(str(p) for p in out_dir.rglob("*") if p.is_file())
+        except FileNotFoundError:
+            pass
         time.sleep(0.002)
 
 
