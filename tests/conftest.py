@@ -70,3 +70,21 @@ def compressed_once(tiny_models, tmp_path_factory):
 @pytest.fixture(params=sorted(FAMILIES))
 def family(request):
     return request.param
+
+
+def stop_at_layer_1_by_a_full_disk(monkeypatch, model_dir: Path, out: Path, options) -> None:
+    """Run until writing layer 1's shard fails as on a full disk: layer 0 is finished and journaled."""
+    from streammerge.errors import InsufficientResourcesError
+    from streammerge.pipeline import Run, run
+
+    real_stage = Run.stage
+
+    def full_at_layer_1(path, tensors):
+        if path.name.startswith("model-00002-"):
+            raise InsufficientResourcesError(f"disk full while writing {path}")
+        return real_stage(path, tensors)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Run, "stage", staticmethod(full_at_layer_1))
+        with pytest.raises(InsufficientResourcesError):
+            run(model_dir, out, options)

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 import streammerge.checkpoint
-from conftest import edit_tensor, tree_hash
+from conftest import edit_tensor, stop_at_layer_1_by_a_full_disk, tree_hash
 from streammerge.checkpoint import INDEX_NAME
 from streammerge.cli import main
 from streammerge.errors import InsufficientResourcesError
@@ -363,17 +363,7 @@ def test_disk_check_counts_what_a_stopped_run_left(model, tmp_path, monkeypatch)
         return usage(capacity, used, capacity - used)
 
     monkeypatch.setattr("streammerge.plan.shutil.disk_usage", disk_usage)
-    real_stage = Run.stage
-
-    def full_at_layer_1(path, tensors):
-        if path.name.startswith("model-00002-"):
-            raise InsufficientResourcesError(f"disk full while writing {path}")
-        return real_stage(path, tensors)
-
-    with monkeypatch.context() as patched:
-        patched.setattr(Run, "stage", staticmethod(full_at_layer_1))
-        with pytest.raises(InsufficientResourcesError):
-            run(model, out, options)
+    stop_at_layer_1_by_a_full_disk(monkeypatch, model, out, options)
     assert list((out / ".streammerge" / "hidden").iterdir())
     run(model, out, options)
     run(model, out, replace(options, restart=True))

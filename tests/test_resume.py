@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from conftest import default_sigint, edit_tensor, tree_hash
+from conftest import default_sigint, edit_tensor, stop_at_layer_1_by_a_full_disk, tree_hash
 from streammerge.cli import main
-from streammerge.errors import CheckpointError, InsufficientResourcesError, Interrupted, ResumeMismatchError
+from streammerge.errors import CheckpointError, Interrupted, ResumeMismatchError
 from streammerge.journal import WORK_DIR
 from streammerge.pipeline import Run, RunOptions, run
 from tiny_models import make_model
@@ -251,17 +251,7 @@ def stopped(tiny_models, tmp_path, monkeypatch):
     """A copy of the tiny model, and a run of it stopped by a full disk after its first layer: (model, out, options)."""
     model_dir = shutil.copytree(tiny_models("mixtral"), tmp_path / "model")
     out, options = tmp_path / "out", RunOptions(ratio=0.5, samples=4, seqlen=16, batch=2, device="cpu")
-    real_stage = Run.stage
-
-    def full_at_layer_1(path, tensors):
-        if path.name.startswith("model-00002-"):
-            raise InsufficientResourcesError(f"disk full while writing {path}")
-        return real_stage(path, tensors)
-
-    with monkeypatch.context() as patched:
-        patched.setattr(Run, "stage", staticmethod(full_at_layer_1))
-        with pytest.raises(InsufficientResourcesError):
-            run(model_dir, out, options)
+    stop_at_layer_1_by_a_full_disk(monkeypatch, model_dir, out, options)
     assert (out / ".streammerge" / "layers" / "layer-00000.json").exists()
     return model_dir, out, options
 
