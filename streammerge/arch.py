@@ -226,6 +226,13 @@ class ArchSpec:
                     for (name, _), full in zip(self.fused, self.fused_names(layer))}
         return {self.expert_name(layer, k, p): parts[p] for k, parts in enumerate(experts) for p in self.projections}
 
+    def down_parts(self) -> tuple[str, str | None]:
+        """The keys of an expert's down projection in its parts, and of that projection's bias (None without)."""
+        if self.fused:
+            disk = {memory: name for name, memory in self.fused}
+            return disk["down_proj"], disk.get("down_proj_bias")
+        return self.projections[2], None
+
     def expert_pieces(self, parts: dict) -> list[tuple[str, slice, torch.Tensor]]:
         """Where one expert's parts go in the one-expert state of transformers' experts module (v5 fused
         names): (state name, its rows, tensor). Gate and up share `gate_up_proj`, gate first."""

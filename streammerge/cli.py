@@ -13,7 +13,7 @@ import click
 
 from . import __version__
 from .errors import Interrupted, StreamMergeError
-from .options import (DEFAULT_TEXT, DTYPES, FEATURES, LINKAGES, MERGES, METHODS, METRICS, PROPAGATIONS, ROUTERS,
+from .options import (DEFAULT_TEXT, DTYPES, FEATURES, FITS, LINKAGES, MERGES, METHODS, METRICS, PROPAGATIONS, ROUTERS,
                       RunOptions, check_target)
 from .units import human_bytes
 
@@ -77,6 +77,9 @@ def run_options(command):
                           "fit of the members' log-sum-exp, or fitted to the original router's group mass (KL)."),
         click.option("--propagate", type=click.Choice(PROPAGATIONS), default="original", show_default=True,
                      help="Next layer's calibration inputs: the original layer's outputs or the compressed one's."),
+        click.option("--fit", type=click.Choice(FITS), default=RunOptions.fit, show_default=True,
+                     help="lsq: re-solve the kept experts' down projections by least squares so that each compressed "
+                          "MoE block reproduces the original's output; none: keep them as chosen."),
         click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda, cuda:N."),
         click.option("--dtype", type=click.Choice(DTYPES), default="auto",
                      show_default=True, help="Compute dtype; auto: float32 on CPU, the weights' dtype on GPU."),
@@ -113,8 +116,13 @@ def run(model_dir: Path, out_dir: Path, **kwargs) -> None:
         f"  size        {human_bytes(size[0])} -> {human_bytes(size[1])}\n"
         f"  time        {summary['seconds']} s"
     )
-    errors = summary["block_errors"]
-    if errors:
+    unfitted, errors = summary["unfitted_block_errors"], summary["block_errors"]
+    if unfitted:
+        click.echo(f"  block error {' '.join(f'{e:.3f}' for e in unfitted.values())} before the fit "
+                   f"(relative MoE output error per MoE layer, mean {sum(unfitted.values()) / len(unfitted):.3f})")
+        click.echo(f"              {' '.join(f'{e:.3f}' for e in errors.values())} after "
+                   f"(mean {sum(errors.values()) / len(errors):.3f})")
+    elif errors:
         click.echo(f"  block error {' '.join(f'{e:.3f}' for e in errors.values())} "
                    f"(relative MoE output error per MoE layer, mean {sum(errors.values()) / len(errors):.3f})")
     if summary["perplexity"]:

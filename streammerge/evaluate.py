@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .calibration import HiddenStates, token_stream
+from .device import out_of_memory, resolve_device, resolve_dtype
 from .errors import CheckpointError, InputError
 from .model import Model
-from .pipeline import out_of_memory, resolve_device, resolve_dtype
 from .runner import LayerRunner
 
 log = logging.getLogger(__name__)

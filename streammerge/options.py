@@ -19,6 +19,7 @@ METRICS = ("euclidean", "cosine")
 MERGES = ("freq", "avg")
 ROUTERS = ("dominant", "freqavg", "lsefit", "kl")
 PROPAGATIONS = ("original", "merged")
+FITS = ("lsq", "none")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -37,6 +38,7 @@ class RunOptions:
     merge: str = "freq"
     router: str = "dominant"
     propagate: str = "original"
+    fit: str = "none"
     eval_text: Path | None = None
     device: str = "auto"
     dtype: str = "auto"

@@ -7,13 +7,11 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import threading
 import time
 from collections import Counter
 from concurrent.futures import Future
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -24,24 +22,23 @@ from tqdm import tqdm
 from . import __version__
 from .arch import ArchSpec
 from .calibration import HiddenStates, sample_windows
-from .checkpoint import (INDEX_NAME, CheckpointReader, Deferred, atomic_write, drop_cached, io_thread, materialize,
-                         publish, read_shard, release_pages, sampled_digest, save_json, save_shard, save_text,
-                         stage_shard, staged_path)
-from .cluster import cluster_experts, prune_experts
-from .errors import CheckpointError, DeviceMemoryError, InputError, Interrupted
+from .checkpoint import (INDEX_NAME, CheckpointReader, atomic_write, drop_cached, io_thread, materialize, publish,
+                         read_shard, sampled_digest, save_json, save_shard, save_text, stage_shard, staged_path)
+from .compress import Held, LayerCompression, fit_rows, fitted_chunks, scored_rows
+from .device import deterministic, device_fields, out_of_memory, resolve_device, resolve_dtype
+from .errors import CheckpointError, InputError, Interrupted
+from .evaluate import perplexity
 from .journal import PROVENANCE, Journal, refuse_inside_input, source_digest
-from .merge import member_weights, merge_tensors, router_rows, router_vector
 from .model import Model
 from .options import RunOptions, check_options, target_experts
 from .routed import Placement, RoutedTokens
 from .runner import LayerRunner, reduced_config
-from .statistics import ExpertStatistics
+from .plan import estimate, planned_device, preflight
+from .statistics import ExpertStatistics, sampled_rows
 
 log = logging.getLogger(__name__)
 METHOD_NAMES = {"hcsmoe": "HC-SMoE expert merging", "prune-freq": "pruning by usage frequency",
                 "prune-reap": "REAP pruning"}
-SAMPLED_TOKENS_PER_CHUNK = 64
-SCORED_TOKENS = 512  # of the last chunk, on which compressed MoE blocks are scored
 _libc = ctypes.CDLL(None)
 _malloc_trim = getattr(_libc, "malloc_trim", None)  # glibc only
 _mallopt = getattr(_libc, "mallopt", None)
@@ -69,87 +66,8 @@ def _return_freed_heap() -> None:
         _malloc_trim(0)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("--device cuda was asked for but no CUDA device is visible: use --device cpu")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device, weights_dtype: torch.dtype) -> torch.dtype:
-    """`auto` computes in float32 on CPU (bf16 matmuls are slow on most CPUs), in the weights' dtype on GPU, but
-    bfloat16 weights in float32 on a GPU without bfloat16 (before Ampere), where float16 could overflow."""
-    if name == "auto":
-        if device.type == "cpu" or (weights_dtype == torch.bfloat16 and not bf16_capable(device)):
-            return torch.float32
-        return weights_dtype
-    if name == "bfloat16" and not bf16_capable(device):
-        raise InputError(f"--dtype bfloat16: {torch.cuda.get_device_name(device)} has no bfloat16 support: use "
-                         f"--dtype float32 or auto")
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
-def bf16_capable(device: torch.device) -> bool:
-    """bfloat16 matmuls run natively (CPU, CUDA from compute capability 8.0). A device that is not there (a plan
-    made on another machine) is taken to have it."""
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return True
-    return torch.cuda.get_device_capability(device) >= (8, 0)
-
-
-def device_fields(device: torch.device) -> dict:
-    """What the result depends on beyond the options and versions: on CUDA the GPU model, the CUDA and cuBLAS
-    versions (kernels, hence bits, differ between them) and deterministic mode (`deterministic`)."""
-    if device.type != "cuda":
-        return {"device": device.type}
-    return {"device": device.type, "gpu": torch.cuda.get_device_name(device),
-            "capability": ".".join(map(str, torch.cuda.get_device_capability(device))),
-            "cuda": torch.version.cuda, "cublas": cublas_version(device),
-            "deterministic": torch.are_deterministic_algorithms_enabled()}
-
-
-def cublas_version(device: torch.device) -> str:
-    """The version of the cuBLAS torch loaded, as cublasLt reports it (torch has no API for it)."""
-    torch.ones(8, 8, device=device) @ torch.ones(8, 8, device=device)  # loads cuBLAS
-    with open("/proc/self/maps") as maps:
-        paths = {line.split()[-1] for line in maps if "libcublasLt" in line}
-    for path in sorted(paths):
-        version = ctypes.CDLL(path).cublasLtGetVersion
-        version.restype = ctypes.c_size_t
-        return str(version())
-    return "unknown"
-
-
-def deterministic(device: torch.device) -> None:
-    """Deterministic kernels on CUDA (index_add_ without atomics, fixed cuBLAS workspaces), so that a resumed run
-    on the same hardware gives the same bytes. cuBLAS reads its setting when CUDA starts, hence before it."""
-    if device.type == "cuda":
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-
-
 def shard_name(index: int, total: int) -> str:
     return f"model-{index + 1:05d}-of-{total:05d}.safetensors"
-
-
-def sampled_rows(x: torch.Tensor) -> slice:
-    """About SAMPLED_TOKENS_PER_CHUNK evenly spaced rows of a chunk, on which experts are compared token by token."""
-    return slice(None, None, max(1, x.shape[0] // SAMPLED_TOKENS_PER_CHUNK))
-
-
-def scored_rows(x: torch.Tensor) -> slice:
-    """About SCORED_TOKENS evenly spaced rows of a chunk's [N, H] MoE inputs: scoring stays cheap."""
-    return slice(None, None, max(1, x.shape[0] // SCORED_TOKENS))
-
-
-@dataclass
-class Held:
-    """The scored tokens of a layer, on the host: MoE block inputs x, outputs y and every expert's outputs."""
-
-    x: torch.Tensor
-    y: torch.Tensor
-    outputs: list[torch.Tensor]
 
 
 class Run:
@@ -259,20 +177,19 @@ class Run:
             del module
             self.check_finite(layer, tensors, stats)
             _return_freed_heap()  # the experts' activation blocks: merging and scoring allocate other sizes
-            plans = self.candidates(stats)
-            outputs = {method: self.layer_tensors(layer, tensors, groups, stats) for method, groups in plans.items()}
-            errors = {m: self.block_error(layer, outputs[m], plans[m], held) for m in plans}
-            method = min(errors, key=errors.get)
-            tensors = outputs[method]
-            del outputs
+            best, errors = LayerCompression(self.runner, layer, tensors, stats, held, self.k, self.options,
+                                            self.placement.max_rows).best()
+            tensors = best.tensors
             record.update({
-                "method": method,
-                "groups": plans[method],
-                "error": round(errors[method], 6),
+                "method": best.method,
+                "groups": best.groups,
+                "error": round(best.error, 6),
                 "errors": {m: round(e, 6) for m, e in errors.items()},
                 "frequencies": [round(f, 6) for f in stats.frequencies.tolist()],
                 "tokens": stats.tokens,
             })
+            if self.options.fit != "none":
+                record.update({"unfitted_error": round(best.unfitted_error, 6), "fitted": best.fitted})
             self.log_result(record)
             if self.options.propagate == "merged":  # the next layer's inputs come from the written layer
                 record.update(self.stage(path, tensors))
@@ -288,8 +205,13 @@ class Run:
         return self.saving
 
     def log_result(self, record: dict) -> None:
-        log.info("layer %d: %s, %d -> %d experts, block error %.4f, groups %s", record["layer"], record["method"],
-                 self.num_experts, self.k, record["error"], record["groups"])
+        if "unfitted_error" in record:
+            error = (f"{record['unfitted_error']:.4f} -> {record['error']:.4f} fitted" if record["fitted"] else
+                     f"{record['error']:.4f} (the fit did not lower it and was dropped)")
+        else:
+            error = f"{record['error']:.4f}"
+        log.info("layer %d: %s, %d -> %d experts, block error %s, groups %s", record["layer"], record["method"],
+                 self.num_experts, self.k, error, record["groups"])
 
     @staticmethod
     def stage(path: Path, tensors: dict) -> dict:
@@ -333,7 +255,8 @@ class Run:
            Mixtral-8x7B's sizes, `streammerge plan`), and it needs nothing of a family but its own layer.
 
         With `--method auto` the last chunk is held aside from the statistics, so the choice is judged on
-        tokens it was not made from.
+        tokens it was not made from. With `--fit lsq` step 3 also keeps the MoE block's inputs and outputs on
+        the fitted rows of every other chunk (`compress.fitted_chunks`), which the fit learns from.
         """
         stream = self.spec.moe_block(module).experts
         stats = ExpertStatistics(self.num_experts, self.config.hidden_size, self.device)
@@ -365,26 +288,31 @@ class Run:
             x = tokens.chunks[c].x
             stats.add_sample(x[sampled_rows(x)].to(self.device), torch.stack(sampled[c]))
         del sampled, tokens
-        block = {}
+        block, fitted = {}, []
         moe = self.spec.moe_block(module)
         hooks = [moe.register_forward_pre_hook(lambda _, args: block.update(x=args[0])),
                  moe.register_forward_hook(lambda _, args, out: block.update(y=out[0] if isinstance(out, tuple) else out))]
-        propagating = self.options.propagate == "original"
-        replayed = range(len(self.chunks)) if propagating else [scored]  # "merged": only the scored block's output
+        hidden = self.config.hidden_size
+        propagating, fitting = self.options.propagate == "original", self.options.fit != "none"
+        fit_chunks = fitted_chunks(len(self.chunks)) if fitting else range(0)
+        learned = fit_rows(sum(len(self.chunks[c]) for c in fit_chunks) * self.options.seqlen)
+        # "merged" propagation needs the original outputs only where they are scored or fitted
+        replayed = range(len(self.chunks)) if propagating else sorted({scored, *fit_chunks})
         stream.replay = iter(combined[c] for c in replayed)
         try:
             for c in tqdm(replayed, desc=f"layer {layer} outputs", leave=False, disable=None):
                 out = self.runner.forward(module, layer, source.read(c, self.device))
                 if propagating:
                     self.write_hidden(target, c, out)
+                if c in fit_chunks:
+                    fitted.append(tuple(block[k].reshape(-1, hidden)[learned].to("cpu", copy=True) for k in "xy"))
         finally:
             stream.replay = None
             for hook in hooks:
                 hook.remove()
-        hidden = self.config.hidden_size
         x, y = (block[k].reshape(-1, hidden) for k in "xy")
         held = Held(x[scored_rows(x)].to("cpu", copy=True), y[scored_rows(y)].to("cpu", copy=True),
-                    [o.to("cpu") for o in outputs])
+                    [o.to("cpu") for o in outputs], fitted)
         return stats.to_host(), held
 
     def check_finite(self, layer: int, tensors: dict, stats: ExpertStatistics) -> None:
@@ -399,58 +327,6 @@ class Run:
                 raise CheckpointError(f"{name} holds NaN or Inf values: the checkpoint is damaged; re-download it")
         raise InputError(f"the MoE outputs of layer {layer} are NaN or Inf although its weights are finite: an earlier "
                          f"layer's weights hold NaN or Inf, or --dtype {self.options.dtype} overflows; try --dtype float32")
-
-    def candidates(self, stats: ExpertStatistics) -> dict[str, list[list[int]]]:
-        opts = self.options
-        wanted = ("hcsmoe", "prune-freq", "prune-reap") if opts.method == "auto" else (opts.method,)
-        ranges = self.spec.group_ranges(self.config)  # group-limited routing: experts never leave their group
-        k = self.k // len(ranges)
-        groups = {}
-        for method in wanted:
-            groups[method] = []
-            for members in ranges:
-                ix = torch.tensor(list(members))
-                if method == "prune-freq":
-                    local = prune_experts(stats.counts[ix], k)
-                elif method == "prune-reap":
-                    local = prune_experts(stats.reap[ix], k)
-                elif opts.feature == "token-distance":
-                    local = cluster_experts(k, opts.linkage, distances=stats.token_distance[ix][:, ix].numpy())
-                else:
-                    local = cluster_experts(k, opts.linkage, opts.metric, features=stats.mean_output[ix].numpy())
-                groups[method] += [[members[e] for e in group] for group in local]
-        return groups
-
-    def layer_tensors(self, layer: int, tensors: dict, groups: list[list[int]], stats: ExpertStatistics) -> dict:
-        spec, opts = self.spec, self.options
-        routed = spec.routed_names(layer, self.num_experts)
-        out = {name: t for name, t in tensors.items() if name not in routed}
-        router = materialize(tensors[spec.router_name(layer)])
-        out[spec.router_name(layer)] = router_rows(router, groups, stats.frequencies, opts.router,
-                                                   stats.router_inputs if opts.router in ("lsefit", "kl") else None)
-        for name, dim in spec.router_vector_names(layer):  # e_score_correction_bias, router.bias, ...
-            out[name] = router_vector(materialize(tensors[name]), groups, stats.frequencies, opts.router, dim)
-        merged = []
-        for members in groups:
-            weights = member_weights(members, stats.frequencies, opts.merge)
-            parts = [spec.expert_parts(tensors, layer, e) for e in members]
-            merged.append({p: parts[0][p] if len(parts) == 1 else Deferred(
-                tuple(parts[0][p].shape), parts[0][p].dtype, partial(_merge_mapped, [x[p] for x in parts], weights))
-                for p in parts[0]})
-        out.update(spec.expert_tensors(layer, merged))
-        return out
-
-    @torch.no_grad()
-    def block_error(self, layer: int, out: dict, groups: list[list[int]], held: Held) -> float:
-        """Relative error ||y' - y|| / ||y|| of the compressed MoE block's output on the scored tokens.
-        A kept original expert's outputs there are known from the statistics pass, so only merged
-        experts run."""
-        module = self.runner.build(layer, out, reduced_config(self.spec, self.config, self.k))
-        block = self.spec.moe_block(module)
-        block.experts.known = {k: held.outputs[g[0]] for k, g in enumerate(groups) if len(g) == 1}
-        got = block(held.x.to(self.device).unsqueeze(0))
-        got = (got[0] if isinstance(got, tuple) else got).reshape(held.y.shape).to("cpu")
-        return ((got - held.y).double().norm() / held.y.double().norm()).item()
 
     def finalize(self, records: list[dict]) -> None:
         """Write the non-layer shard, copies, provenance and card, then the index and config last."""
@@ -475,7 +351,8 @@ class Run:
             "signature": fields["signature"],
             "fields": fields["fields"],
             "files": fields["files"],
-            "layers": [{k: r[k] for k in ("layer", "method", "groups", "error", "errors", "frequencies") if k in r}
+            "layers": [{k: r[k] for k in ("layer", "method", "groups", "unfitted_error", "fitted", "error", "errors",
+                                          "frequencies") if k in r}
                        for r in records],
         }
         save_json(self.out_dir / PROVENANCE, provenance)
@@ -494,13 +371,18 @@ class Run:
         top_k = (f"Each token is now routed to {self.top_k[1]} expert{'s' if self.top_k[1] > 1 else ''} instead of "
                  f"{self.top_k[0]} (`{self.spec.top_k_key}` lowered), as each MoE layer keeps only {self.k}. "
                  if self.top_k[0] != self.top_k[1] else "")
+        layers = [layer for layer in provenance["layers"] if "fitted" in layer]
+        fitted = (f"In {sum(layer['fitted'] for layer in layers)} of {len(layers)} MoE layers the kept experts' down "
+                  f"projections were then re-solved by least squares (`--fit lsq`), so that the compressed MoE block "
+                  f"reproduces the original block's output on the calibration tokens; in the others the fit did not "
+                  f"lower the error on held-aside tokens and was dropped. " if layers else "")
         return (
             f"---\n{metadata.to_yaml()}\n---\n\n"
             f"# {self.model.name}, {self.num_experts}→{self.k} experts (streammerge)\n\n"
             f"This checkpoint is **{self.model.name}** ({self.spec.family}) with the routed experts of every MoE layer "
             f"reduced from {self.num_experts} to {self.k} by streammerge {__version__}, without retraining: {methods} "
             f"(`--method {o.method}`; merging settings: `--feature {o.feature} --linkage {o.linkage} --merge {o.merge} "
-            f"--router {o.router}`). {top_k}Calibration: {o.samples} × {o.seqlen} tokens from `{Path(o.calib).name}`, "
+            f"--router {o.router}`). {top_k}{fitted}Calibration: {o.samples} × {o.seqlen} tokens from `{Path(o.calib).name}`, "
             f"seed {o.seed}. Everything outside the routed experts and their router rows is unchanged.\n\n"
             f"It loads with plain `AutoModelForCausalLM.from_pretrained`. Per-layer groups, usage frequencies and the "
             f"relative error of each compressed MoE block are in `{PROVENANCE}`. Quality is not guaranteed: measure "
@@ -518,32 +400,14 @@ class Run:
             "bytes": (before.nbytes(before.names()), after.nbytes(after.names())),
             "seconds": round(time.monotonic() - started, 1),
             "block_errors": {r["layer"]: r["error"] for r in provenance["layers"] if "error" in r},
+            "unfitted_block_errors": {r["layer"]: r["unfitted_error"] for r in provenance["layers"]
+                                      if "unfitted_error" in r},
             "perplexity": provenance.get("perplexity"),
         }
 
 
-MERGE_SLAB = 1 << 24  # elements of each member whose mapped pages are resident at once while merging
-
-
-def _merge_mapped(tensors: list, weights: torch.Tensor) -> torch.Tensor:
-    """Merge members that are memory-mapped or `Deferred` (FP8) slab by slab, releasing each slab's pages once
-    merged: a group of m members then holds m slabs of pages, not m whole projections."""
-    tensors = [materialize(t) for t in tensors]
-    if len(tensors) == 1:
-        return tensors[0]
-    flat = [t.reshape(-1) for t in tensors]
-    merged = torch.empty(flat[0].shape, dtype=flat[0].dtype)
-    for start in range(0, len(merged), MERGE_SLAB):
-        slabs = [f[start:start + MERGE_SLAB] for f in flat]
-        merged[start:start + MERGE_SLAB] = merge_tensors(slabs, weights)
-        for slab in slabs:
-            release_pages(slab)
-    return merged.view(tensors[0].shape)
-
-
 def run(model_dir: Path, out_dir: Path, options: RunOptions) -> dict:
     started = time.monotonic()
-    from .plan import estimate, planned_device, preflight  # plan imports this module
 
     check_options(options)
     refuse_inside_input(model_dir, out_dir)
@@ -578,8 +442,6 @@ def run(model_dir: Path, out_dir: Path, options: RunOptions) -> dict:
 
 def record_perplexity(model_dir: Path, out_dir: Path, options: RunOptions) -> None:
     """Perplexity of the input and the output on `--eval-text`, added to the provenance."""
-    from .evaluate import perplexity  # evaluate imports this module
-
     result = {}
     for name, directory in (("before", model_dir), ("after", out_dir)):
         log.info("perplexity of the %s model on %s", "input" if name == "before" else "output", options.eval_text)
@@ -587,12 +449,6 @@ def record_perplexity(model_dir: Path, out_dir: Path, options: RunOptions) -> No
     provenance = json.loads((out_dir / PROVENANCE).read_text())
     provenance["perplexity"] = {"text": Path(options.eval_text).name, **result}
     save_json(out_dir / PROVENANCE, provenance)
-
-
-def out_of_memory(exc: torch.OutOfMemoryError, where: str, then: str) -> DeviceMemoryError:
-    """The one-line error for a device out of memory: what it tried and which options lower the need."""
-    detail = " ".join(str(exc).split(". ")[:2]).split("\n")[0].rstrip(".")
-    return DeviceMemoryError(f"out of GPU memory in {where} ({detail}): lower --batch or --seqlen {then}")
 
 
 def _loop(state: Run) -> None:

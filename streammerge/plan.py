@@ -29,7 +29,12 @@ O(E·(H + N + S·chunks·H)), never by expert weights:
                       experts: one expert call's gate/up output [N, 2I], the activation [N, I] and its
                       product with up [N, I], 4·N·I·c (checked against a traced run in tests/test_plan.py); its
                       output and the routed rows' copies after it, N·H·(1 + 2k/E)·c, are smaller in every
-                      family. Sub-batching an expert call over fewer tokens shrinks it (`placement`)
+                      family. Sub-batching an expert call over fewer tokens shrinks it (`placement`);
+                      output fit (--fit lsq), after the statistics: on F = min(FIT_TOKENS, the fitted chunks'
+                      tokens) routed top-k' times among K experts (t = F·k'/K each), the kept experts' down-
+                      projection inputs with their solutions and outputs, the residual and each expert's factored
+                      system (t² or I², the smaller), 4·(F·k'·(I + 1 + 2H) + F·H + K·min(t, I)²), beside the
+                      experts' working set of its forward
   routing             the router, E·H·c; its logits and probabilities in float32, N·E·8; and every expert's
                       output on the S sampled tokens of every chunk, E·S·chunks·H·c
   CUDA context        CUDA_CONTEXT_BYTES (driver, kernels, allocator slack), on CUDA only
@@ -47,6 +52,8 @@ Host peak (RSS):
                       running experts again
   statistics          E×H float64 output sums, the E×E token distances, and the S sampled MoE inputs of every
                       chunk in float32 (for router fitting)
+  fit                 --fit lsq: the MoE block's inputs and outputs on the F fitted tokens, 2·F·H·c, and the fitted
+                      down projections of the best candidate so far and the current one, 2·K·I·H·w
   on CPU also every device term but the CUDA context: there the device is the host.
 Disk: the output checkpoint, plus three layers' sets of hidden states, T·H·c each (the input set of layer l is
 removed when l is committed, which happens in the background while layer l+1 writes the set for l+2), plus
@@ -55,7 +62,9 @@ Work per layer: the statistics pass applies every 2-D weight to every token (att
 all E experts on all T tokens: 2·T·numel FLOPs; the layer's output is summed from those same expert outputs), plus
 the attention scores QKᵀ and AV over full seqlen² windows, 4·T·seqlen·heads·head_dim (kernels that skip the causal
 half do less); the layer then runs again without its experts for its outputs (`Run.measure`), which adds the
-non-expert matrices and the scores once more. --propagate merged adds a pass of the compressed layer with only the routed top-k experts per token.
+non-expert matrices and the scores once more. --propagate merged adds a pass of the compressed layer with only the
+routed top-k experts per token. --fit lsq adds, per candidate (three with --method auto), the compressed block's
+experts on the F fitted tokens, the K systems, at most SWEEPS Gauss-Seidel sweeps and the changes (streammerge.fit).
 Scoring candidates on one chunk is left out. Bytes read: the layer's tensors and its input hidden states; written:
 its output shard and the next layer's hidden states.
 Time: the whole run's FLOPs at the rate of square matmuls in the compute dtype, timed on this machine's device
@@ -76,11 +85,14 @@ import psutil
 import torch
 
 from .arch import LAYER_PREFIX, ArchSpec
+from .compress import FIT_TOKENS, SCORED_TOKENS, fitted_chunks
+from .device import resolve_dtype
 from .errors import InputError, InsufficientResourcesError
+from .fit import SWEEPS
 from .model import WEIGHT_SUFFIXES, Model, open_config
 from .options import RunOptions, check_options, target_experts
-from .pipeline import SAMPLED_TOKENS_PER_CHUNK, SCORED_TOKENS, resolve_dtype
 from .routed import Placement
+from .statistics import SAMPLED_TOKENS_PER_CHUNK
 from .units import human_bytes, human_flops, human_seconds
 
 HOST_BASELINE_BYTES = 500_000_000
@@ -214,6 +226,11 @@ def estimate(spec: ArchSpec, config, tensors: TensorTable, options: RunOptions, 
     output_names = _by_layer(output, stem)
     top_k_after = min(spec.top_k(config), k)
     scores_flops = 4 * tokens * options.seqlen * heads * head_dim
+    chunks = math.ceil(options.samples / options.batch)
+    fitted_tokens = sum(min(options.batch, options.samples - c * options.batch) for c in fitted_chunks(chunks))
+    fit_tokens = min(FIT_TOKENS, fitted_tokens * options.seqlen) if options.fit != "none" else 0
+    expert_tokens = math.ceil(fit_tokens * top_k_after / k)  # one kept expert's, on average
+    candidates = 3 if options.method == "auto" else 1
     non_expert = one_expert = intermediate = router = 0
     largest = total = Work(0, 0, 0)
     for layer, names in _by_layer(tensors, stem).items():
@@ -234,6 +251,12 @@ def estimate(spec: ArchSpec, config, tensors: TensorTable, options: RunOptions, 
         if layer in moe_layers and options.propagate == "merged":
             routed_matrices = matrices - (experts - top_k_after) * expert_numel
             flops += 2 * tokens * routed_matrices + scores_flops
+        if layer in moe_layers and fit_tokens:
+            space = min(expert_tokens, expert_intermediate)  # token or input space, whichever is smaller
+            flops += candidates * (2 * fit_tokens * top_k_after * expert_numel  # the compressed block's experts
+                                   + k * 2 * expert_tokens * expert_intermediate * space  # the Grams
+                                   + k * SWEEPS * 4 * expert_tokens * hidden * space  # the sweeps, at most
+                                   + k * 2 * expert_tokens * expert_intermediate * hidden)  # the changes
         work = Work(flops=flops,
                     bytes_read=sum(_bytes(tensors[n]) for n in names) + hidden_set,
                     bytes_written=sum(_bytes(output[n]) for n in output_names[layer]) + hidden_set)
@@ -245,8 +268,10 @@ def estimate(spec: ArchSpec, config, tensors: TensorTable, options: RunOptions, 
     attention_set = chunk * (hidden + 4 * heads * head_dim) * c
     if attention == "eager":
         attention_set += min(options.batch, options.samples) * heads * options.seqlen ** 2 * (c + FLOAT32_BYTES)
-    chunks = math.ceil(options.samples / options.batch)
     top_k = spec.top_k(config)
+    experts_set = chunk * EXPERT_ACTIVATIONS * intermediate * c
+    fit_set = experts_set + FLOAT32_BYTES * (fit_tokens * top_k_after * (intermediate + 1 + 2 * hidden)
+                                             + fit_tokens * hidden + k * min(expert_tokens, intermediate) ** 2)
     device_memory = {
         "non-expert weights": non_expert * c,
         "one expert": one_expert * c,
@@ -254,7 +279,7 @@ def estimate(spec: ArchSpec, config, tensors: TensorTable, options: RunOptions, 
         "routed tokens": tokens * hidden * c + tokens * top_k * ROUTING_BYTES_PER_CHOICE,
         "routed outputs": tokens * hidden * c,
         "scored block": 2 * chunk * hidden * c,
-        "working set": max(attention_set, chunk * EXPERT_ACTIVATIONS * intermediate * c),
+        "working set": max(attention_set, experts_set, fit_set if fit_tokens else 0),
         "routing": router * c + chunk * experts * 2 * FLOAT32_BYTES
         + experts * SAMPLED_TOKENS_PER_CHUNK * chunks * hidden * c,
     }
@@ -266,6 +291,8 @@ def estimate(spec: ArchSpec, config, tensors: TensorTable, options: RunOptions, 
         "statistics": (experts * hidden + experts * experts) * FLOAT64_BYTES
         + chunks * SAMPLED_TOKENS_PER_CHUNK * hidden * FLOAT32_BYTES,
     }
+    if fit_tokens:  # the fitted rows' block inputs and outputs; the best and the current candidate's projections
+        host_memory["fit"] = 2 * fit_tokens * hidden * c + 2 * k * intermediate * hidden * weights_dtype.itemsize
     reading = one_expert * weights_dtype.itemsize
     if device == "cpu":
         device_memory["working set"] = max(device_memory["working set"], reading)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import re
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -238,6 +239,9 @@ class ExpertStream(nn.Module):
     since fresh memory costs a page fault per page on first touch (half a second per Mixtral layer). On CUDA
     the parts come through `uploader`, the next expert's while this one computes.
 
+    When `fit_calls` is a list, an inference forward appends to it each expert's `RoutedCall`: what the output
+    fit (`streammerge.fit`) learns from, taken from the very computation the block does.
+
     `known` maps experts to their outputs already computed on this module's input rows, which are then used
     instead of running the expert (scoring a pruned layer costs no expert computation). `max_rows` caps the
     tokens of one expert call, when the device cannot hold a whole chunk's activations.
@@ -263,6 +267,8 @@ class ExpertStream(nn.Module):
         self.tape: RoutedTokens | None = None
         self.replay = None  # an iterator over the chunks' routed outputs
         self.max_rows: int | None = None
+        self.fit_calls: list[RoutedCall] | None = None
+        self.down_inputs: list[torch.Tensor] = []
 
     def _fill(self, state: dict[str, torch.Tensor], expert: int, copy) -> None:
         covered = set()
@@ -338,24 +344,38 @@ class ExpertStream(nn.Module):
         rows, following the layout its experts class declares (`use_experts_implementation`: transposed or
         not, biases, the class's own `_apply_gate`). The eager forward would find the routed rows with
         `nonzero` and `where`, each a host sync; with every row routed with weight 1, its gathering, scaling
-        and `index_add_` change no bit. A class without that declaration (llama4's) is called directly."""
+        and `index_add_` change no bit. llama4's class, without that declaration, is written out the same way."""
         one = self.one
-        if self.spec.scaled_input_experts:
-            return one(x)
-        if not (hasattr(one, "has_gate") and hasattr(one, "_apply_gate")):  # an older transformers
-            index = torch.zeros((x.shape[0], 1), device=x.device, dtype=torch.long)
-            return one(x, index, torch.ones((x.shape[0], 1), device=x.device, dtype=x.dtype))
+        if self.spec.scaled_input_experts:  # Llama4TextExperts: gate-up [H, 2I], gate first; down [I, H]
+            gate, up = (x @ one.gate_up_proj[0]).chunk(2, dim=-1)
+            return self._down(up * one.act_fn(gate), one.down_proj[0], None, transposed=True)
         transposed, biased = getattr(one, "is_transposed", False), getattr(one, "has_bias", False)
-
-        def linear(h, weight, bias):
-            h = h @ weight if transposed else F.linear(h, weight)
-            return h if bias is None else h + bias[0]
-
         up = "gate_up_proj" if one.has_gate else "up_proj"
-        h = linear(x, getattr(one, up)[0], getattr(one, f"{up}_bias") if biased else None)
+        weight = getattr(one, up)[0]
+        h = x @ weight if transposed else F.linear(x, weight)
+        h = h if not biased else h + getattr(one, f"{up}_bias")[0]
         h = one._apply_gate(h) if one.has_gate else one.act_fn(h)
-        out = linear(h, one.down_proj[0], one.down_proj_bias if biased else None)
+        out = self._down(h, one.down_proj[0], one.down_proj_bias[0] if biased else None, transposed)
         return one.post_expert_norm(out) if getattr(one, "has_post_expert_norm", False) else out
+
+    def _down(self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
+        """The down projection; its input is kept while `fit_calls` records (`RoutedCall`)."""
+        if self.fit_calls is not None:
+            self.down_inputs.append(h)
+        out = h @ weight if transposed else F.linear(h, weight)
+        return out if bias is None else out + bias
+
+    def down_layout(self) -> tuple[bool, bool]:
+        """(whether the down projection's weight is [I, H] rather than [H, I], whether it has a bias)."""
+        if self.spec.scaled_input_experts:
+            return True, False
+        return getattr(self.one, "is_transposed", False), getattr(self.one, "has_bias", False)
+
+    def record(self, expert: int, rows: torch.Tensor, gate: torch.Tensor | None) -> None:
+        """After expert `expert` ran on `rows` of the block's input with router weights `gate`: what it was."""
+        if self.fit_calls is not None:
+            self.fit_calls.append(RoutedCall(expert, rows, gate, torch.cat(self.down_inputs)))
+            self.down_inputs.clear()
 
     def output(self, expert: int, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Expert `expert` applied to every row of `x` [N, H] (which are the input's `rows`, if given)."""
@@ -409,6 +429,7 @@ class ExpertStream(nn.Module):
                 rows = (scores[:, expert] > 0).nonzero().squeeze(-1)
                 if rows.numel():
                     out[expert, rows] = self.output(expert, routed[expert, rows]).to(out.dtype)
+                    self.record(expert, rows, None)  # the score is inside the input
         return out.view(-1, routed_in.shape[-1])
 
     def forward(self, x: torch.Tensor, top_k_index: torch.Tensor | None = None,
@@ -429,7 +450,20 @@ class ExpertStream(nn.Module):
             if rows.numel():
                 gate = (top_k_weights[rows] * chosen[rows]).sum(-1, keepdim=True)
                 combined.index_add_(0, rows, (self.output(expert, x[rows], rows) * gate).to(combined.dtype))
+                self.record(expert, rows, gate)
         return combined
+
+
+@dataclass
+class RoutedCall:
+    """One expert's part of a block's inference forward: its `rows` of the block's input, their router weights
+    `gate` [T, 1] (None where the router scales the input instead: llama4) and its down projection's input
+    `inputs` [T, I]."""
+
+    expert: int
+    rows: torch.Tensor
+    gate: torch.Tensor | None
+    inputs: torch.Tensor
 
 
 class _Recorder(nn.Module):

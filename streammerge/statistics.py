@@ -6,6 +6,12 @@ import torch
 
 from .routed import RoutedChunk
 
+SAMPLED_TOKENS_PER_CHUNK = 64
+
+
+def sampled_rows(x: torch.Tensor) -> slice:
+    """About SAMPLED_TOKENS_PER_CHUNK evenly spaced rows of a chunk, on which experts are compared token by token."""
+    return slice(None, None, max(1, x.shape[0] // SAMPLED_TOKENS_PER_CHUNK))
 
 class ExpertStatistics:
     """Running sums for one MoE layer; float64 so that chunking does not change the result measurably.

@@ -74,10 +74,10 @@ def test_merging_in_blocks_equals_one_float32_pass_and_leaves_members_alone(dtyp
 
 
 def test_merging_mapped_members_in_slabs_equals_one_merge(monkeypatch):
-    from streammerge import pipeline, plan
+    from streammerge import compress
     from streammerge.merge import merge_tensors
 
-    monkeypatch.setattr(pipeline, "MERGE_SLAB", 7)  # slabs cross rows; a ragged last slab
+    monkeypatch.setattr(compress, "MERGE_SLAB", 7)  # slabs cross rows; a ragged last slab
     members = [torch.randn(5, 9).to(torch.bfloat16) for _ in range(3)]
     weights = torch.tensor([0.5, 0.25, 0.25], dtype=torch.float64)
-    assert torch.equal(pipeline._merge_mapped(members, weights), merge_tensors(members, weights))
+    assert torch.equal(compress._merge_mapped(members, weights), merge_tensors(members, weights))

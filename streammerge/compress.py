@@ -1,0 +1,230 @@
+"""One MoE layer's compression: candidate groups -> tensors -> output fit -> score. No file IO: the layer's tensors
+come in (mapped), the chosen compressed tensors go out; transformers' layers run through a `LayerRunner`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+from .arch import ArchSpec
+from .checkpoint import Deferred, materialize, release_pages
+from .cluster import cluster_experts, prune_experts
+from .fit import Routed, fit_down_projections
+from .merge import member_weights, merge_tensors, router_rows, router_vector
+from .runner import LayerRunner, reduced_config
+from .statistics import ExpertStatistics
+
+SCORED_TOKENS = 512  # of the last chunk, on which compressed MoE blocks are scored
+FIT_TOKENS = 16384  # at most, evenly spaced over the fitted chunks: the fit keeps the kept experts' inputs on them
+
+
+def scored_rows(x: torch.Tensor) -> slice:
+    """About SCORED_TOKENS evenly spaced rows of a chunk's [N, H] MoE inputs: scoring stays cheap."""
+    return slice(None, None, max(1, x.shape[0] // SCORED_TOKENS))
+
+
+def fit_rows(tokens: int) -> slice:
+    """The rows of each fitted chunk the fit learns from, when the fitted chunks hold `tokens` tokens."""
+    return slice(None, None, -(-tokens // FIT_TOKENS))
+
+
+def fitted_chunks(chunks: int) -> range:
+    """The chunks the fit learns from: all but the last, which scores the fit, unless there is only one."""
+    return range(max(1, chunks - 1))
+
+
+@dataclass
+class Held:
+    """What a layer's candidates are fitted and scored on, on the host: the scored tokens' MoE block inputs x,
+    outputs y and every original expert's outputs there; and (x, y) on the rows of each fitted chunk."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    outputs: list[torch.Tensor]
+    fitted: list[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class Candidate:
+    method: str
+    groups: list[list[int]]
+    tensors: dict
+    error: float  # relative MoE-block output error on the scored tokens, after the fit where it was kept
+    unfitted_error: float
+    fitted: bool = False
+
+
+class LayerCompression:
+    """The compressed candidates of one MoE layer, from its tensors, statistics and held tokens."""
+
+    def __init__(self, runner: LayerRunner, layer: int, tensors: dict, stats: ExpertStatistics, held: Held, k: int,
+                 options, max_rows: int | None = None):
+        self.runner = runner
+        self.spec: ArchSpec = runner.spec
+        self.config = runner.config
+        self.layer = layer
+        self.tensors = tensors
+        self.stats = stats
+        self.held = held
+        self.k = k
+        self.options = options
+        self.max_rows = max_rows
+        self.num_experts = self.spec.num_experts(self.config)
+
+    def best(self) -> tuple[Candidate, dict[str, float]]:
+        """The candidate with the lowest block error, and every candidate's error. Candidates are built (and
+        fitted) one at a time, keeping only the best so far."""
+        best, errors = None, {}
+        for method, groups in self.candidates().items():
+            candidate = self.compress(method, groups)
+            errors[method] = candidate.error
+            if best is None or candidate.error < best.error:
+                best = candidate
+        return best, errors
+
+    def candidates(self) -> dict[str, list[list[int]]]:
+        opts, stats = self.options, self.stats
+        wanted = ("hcsmoe", "prune-freq", "prune-reap") if opts.method == "auto" else (opts.method,)
+        ranges = self.spec.group_ranges(self.config)  # group-limited routing: experts never leave their group
+        k = self.k // len(ranges)
+        groups = {}
+        for method in wanted:
+            groups[method] = []
+            for members in ranges:
+                ix = torch.tensor(list(members))
+                if method == "prune-freq":
+                    local = prune_experts(stats.counts[ix], k)
+                elif method == "prune-reap":
+                    local = prune_experts(stats.reap[ix], k)
+                elif opts.feature == "token-distance":
+                    local = cluster_experts(k, opts.linkage, distances=stats.token_distance[ix][:, ix].numpy())
+                else:
+                    local = cluster_experts(k, opts.linkage, opts.metric, features=stats.mean_output[ix].numpy())
+                groups[method] += [[members[e] for e in group] for group in local]
+        return groups
+
+    def compress(self, method: str, groups: list[list[int]]) -> Candidate:
+        """A candidate's tensors and error. Fitted, it keeps the fit only where the fit lowers the error on the
+        scored tokens, which the fit did not learn from when there are several chunks: an expert with fewer
+        routed tokens than inputs can fit its calibration tokens too closely."""
+        parts = self.expert_parts(groups)
+        tensors = self.layer_tensors(groups, parts)
+        error = self.block_error(tensors, groups, known=True)
+        if self.options.fit == "none":
+            return Candidate(method, groups, tensors, error, error)
+        fitted = self.layer_tensors(groups, self.fit(tensors, parts))
+        fitted_error = self.block_error(fitted, groups, known=False)
+        if fitted_error >= error:
+            return Candidate(method, groups, tensors, error, error)
+        return Candidate(method, groups, fitted, fitted_error, error, fitted=True)
+
+    def expert_parts(self, groups: list[list[int]]) -> list[dict]:
+        """Each group's expert: a kept expert's mapped parts, or its members' merge, computed when used."""
+        merged = []
+        for members in groups:
+            weights = member_weights(members, self.stats.frequencies, self.options.merge)
+            parts = [self.spec.expert_parts(self.tensors, self.layer, e) for e in members]
+            merged.append({p: parts[0][p] if len(parts) == 1 else Deferred(
+                tuple(parts[0][p].shape), parts[0][p].dtype, partial(_merge_mapped, [x[p] for x in parts], weights))
+                for p in parts[0]})
+        return merged
+
+    def layer_tensors(self, groups: list[list[int]], parts: list[dict]) -> dict:
+        spec, opts, stats, layer = self.spec, self.options, self.stats, self.layer
+        routed = spec.routed_names(layer, self.num_experts)
+        out = {name: t for name, t in self.tensors.items() if name not in routed}
+        router = materialize(self.tensors[spec.router_name(layer)])
+        out[spec.router_name(layer)] = router_rows(router, groups, stats.frequencies, opts.router,
+                                                   stats.router_inputs if opts.router in ("lsefit", "kl") else None)
+        for name, dim in spec.router_vector_names(layer):  # e_score_correction_bias, router.bias, ...
+            out[name] = router_vector(materialize(self.tensors[name]), groups, stats.frequencies, opts.router, dim)
+        out.update(spec.expert_tensors(layer, parts))
+        return out
+
+    def block(self, tensors: dict):
+        """The compressed layer's MoE block, built from `tensors`."""
+        module = self.runner.build(self.layer, tensors, reduced_config(self.spec, self.config, self.k))
+        block = self.spec.moe_block(module)
+        block.experts.max_rows = self.max_rows
+        return block
+
+    def forward(self, block, x: torch.Tensor) -> torch.Tensor:
+        """The block's output [N, H] on the host rows `x` [N, H], on the device."""
+        out = block(x.to(self.runner.device).unsqueeze(0))
+        return (out[0] if isinstance(out, tuple) else out).reshape(x.shape)
+
+    @torch.no_grad()
+    def fit(self, tensors: dict, parts: list[dict]) -> list[dict]:
+        """`parts` with each routed expert's down projection (and its bias) re-solved so that the compressed
+        block reproduces the original block's output on the fitted rows (`streammerge.fit`). Which tokens reach
+        an expert, their router weights and the down projection's inputs are those of the compressed block's own
+        forward; shared experts and everything else in the block stay as they are, so their outputs cancel."""
+        block = self.block(tensors)
+        stream = block.experts
+        transposed, biased = stream.down_layout()
+        rows, inputs, residuals = [[] for _ in parts], [[] for _ in parts], []
+        offset = 0
+        for x, y in self.held.fitted:
+            stream.fit_calls = []
+            got = self.forward(block, x)
+            residuals.append(y.to(got.device).float() - got.float())
+            for call in stream.fit_calls:
+                a = call.inputs.float()
+                if biased:  # the bias is a weight on a constant input
+                    a = torch.cat([a, torch.ones_like(a[:, :1])], dim=1)
+                if call.gate is not None:
+                    a = a * call.gate.float()
+                rows[call.expert].append(call.rows + offset)
+                inputs[call.expert].append(a)
+            offset += x.shape[0]
+        stream.fit_calls = None
+        del block, stream
+        reached = [k for k in range(len(parts)) if rows[k]]  # an expert no fitted token reaches keeps its weights
+        experts = [Routed(torch.cat(rows[k]), torch.cat(inputs[k])) for k in reached]
+        del inputs
+        changes = fit_down_projections(experts, torch.cat(residuals))
+        down, bias = self.spec.down_parts()
+        fitted = [dict(p) for p in parts]
+        for k, change in zip(reached, changes):
+            change = change.to("cpu")
+            size = change.shape[1] - biased
+            weights = materialize(fitted[k][down])
+            fitted[k][down] = (weights.float() + (change[:, :size].T if transposed else change[:, :size])).to(weights.dtype)
+            release_pages(weights)
+            if biased:
+                before = materialize(fitted[k][bias])
+                fitted[k][bias] = (before.float() + change[:, size].view(before.shape)).to(before.dtype)
+        return fitted
+
+    @torch.no_grad()
+    def block_error(self, tensors: dict, groups: list[list[int]], known: bool) -> float:
+        """Relative error ||y' - y|| / ||y|| of the compressed MoE block's output on the scored tokens. With
+        `known`, a kept original expert's outputs there are taken from the statistics pass, so only merged
+        experts run."""
+        held = self.held
+        block = self.block(tensors)
+        if known:
+            block.experts.known = {k: held.outputs[g[0]] for k, g in enumerate(groups) if len(g) == 1}
+        got = self.forward(block, held.x).to("cpu")
+        return ((got - held.y).double().norm() / held.y.double().norm()).item()
+
+
+MERGE_SLAB = 1 << 24  # elements of each member whose mapped pages are resident at once while merging
+
+
+def _merge_mapped(tensors: list, weights: torch.Tensor) -> torch.Tensor:
+    """Merge members that are memory-mapped or `Deferred` (FP8) slab by slab, releasing each slab's pages once
+    merged: a group of m members then holds m slabs of pages, not m whole projections."""
+    tensors = [materialize(t) for t in tensors]
+    if len(tensors) == 1:
+        return tensors[0]
+    flat = [t.reshape(-1) for t in tensors]
+    merged = torch.empty(flat[0].shape, dtype=flat[0].dtype)
+    for start in range(0, len(merged), MERGE_SLAB):
+        slabs = [f[start:start + MERGE_SLAB] for f in flat]
+        merged[start:start + MERGE_SLAB] = merge_tensors(slabs, weights)
+        for slab in slabs:
+            release_pages(slab)
+    return merged.view(tensors[0].shape)
