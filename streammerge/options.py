@@ -38,7 +38,7 @@ class RunOptions:
     merge: str = "freq"
     router: str = "dominant"
     propagate: str = "original"
-    fit: str = "none"
+    fit: str = "lsq"  # README "Quality": it wins every column
     eval_text: Path | None = None
     device: str = "auto"
     dtype: str = "auto"

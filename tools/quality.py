@@ -1,4 +1,4 @@
-"""Quality matrix: method × feature × router × propagation × ratio on the example MoEs, into README.md.
+"""Quality matrix: method × feature × router × propagation × output fit × ratio on the example MoEs, into README.md.
 
     python tools/quality.py              # runs everything, rewrites the "Quality" table in README.md
     python tools/quality.py --no-readme  # prints the table only
@@ -26,18 +26,27 @@ from streammerge.pipeline import run
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "streammerge" / "examples"
 HELDOUT = DEFAULT_TEXT.parent / "heldout.txt"
+DEFAULT = dict(method=RunOptions.method, feature=RunOptions.feature, router=RunOptions.router,
+               propagate=RunOptions.propagate, fit=RunOptions.fit)
 
 
 def settings() -> list[dict]:
-    """The settings worth comparing. Features and routers are compared with the paper's propagation
-    (original); propagation is then compared on the settings where it can matter. For pruning the
-    feature and router do not matter."""
+    """The settings worth comparing. Unfitted (`--fit none`): features and routers are compared with the paper's
+    propagation (original); propagation is then compared on the settings where it can matter. For pruning the
+    feature and router do not matter. Fitted (`--fit lsq`): every method, then `auto` with the compressed
+    layers' outputs propagated (each layer fitted on the inputs the fitted layers before it give, as GPTQ does)
+    and with router rows fitted too (`--router kl`)."""
     merging = [dict(method="hcsmoe", feature=f, router=r, propagate="original") for f, r in product(FEATURES, ROUTERS)]
     merging.append(dict(method="hcsmoe", feature="mean-output", router="kl", propagate="merged"))
     pruning = [dict(method=m, propagate=p) for m, p in product(("prune-freq", "prune-reap"), PROPAGATIONS)]
     automatic = [dict(method="auto", feature="mean-output", router=r, propagate=p)
                  for r, p in product(("dominant", "kl"), PROPAGATIONS)]
-    return merging + pruning + automatic
+    unfitted = [dict(s, fit="none") for s in merging + pruning + automatic]
+    fitted = [dict(method="hcsmoe", feature=f, router="dominant", propagate="original") for f in FEATURES]
+    fitted += [dict(method=m, propagate="original") for m in ("prune-freq", "prune-reap")]
+    fitted += [dict(method="auto", feature="token-distance", router=r, propagate=p)
+               for r, p in (("dominant", "original"), ("dominant", "merged"), ("kl", "original"))]
+    return unfitted + [dict(s, fit="lsq") for s in fitted]
 
 
 def label(setting: dict) -> str:
@@ -68,6 +77,8 @@ def table(measured: dict, ratios: list[float]) -> str:
         for m, r in product(models, ratios):
             value, chosen = measured[m][1][(label(setting), r)]
             text = f"×{value:.3f}" + (f" ({'+'.join(chosen)})" if setting["method"] == "auto" else "")
+            if setting == DEFAULT:
+                text += " ← default"
             cells.append(f"**{text}**" if value == best[(m, r)] else text)
         rows.append(f"| {label(setting)} | " + " | ".join(cells) + " |")
     bases = ", ".join(f"{m} {measured[m][0]:.2f}" for m in models)
