@@ -11,7 +11,7 @@ import torch
 from .arch import ArchSpec
 from .checkpoint import Deferred, materialize, release_pages
 from .cluster import cluster_experts, prune_experts
-from .fit import Routed, fit_down_projections
+from .fit import Routed, fit_on_held_out
 from .merge import member_weights, merge_tensors, router_rows, router_vector
 from .runner import LayerRunner, reduced_config
 from .statistics import ExpertStatistics
@@ -112,10 +112,11 @@ class LayerCompression:
         parts = self.expert_parts(groups)
         tensors = self.layer_tensors(groups, parts)
         error = self.block_error(tensors, groups, known=True)
-        if self.options.fit == "none":
+        fitted_parts = self.fit(tensors, parts) if self.options.fit == "lsq" else None
+        if fitted_parts is None:
             return Candidate(method, groups, tensors, error, error)
-        fitted = self.layer_tensors(groups, self.fit(tensors, parts))
-        fitted_error = self.block_error(fitted, groups, known=False)
+        fitted = self.layer_tensors(groups, fitted_parts)
+        fitted_error = self.block_error(fitted, groups, known=False)  # as written: in the weights' dtype
         if fitted_error >= error:
             return Candidate(method, groups, tensors, error, error)
         return Candidate(method, groups, fitted, fitted_error, error, fitted=True)
@@ -156,17 +157,45 @@ class LayerCompression:
         return (out[0] if isinstance(out, tuple) else out).reshape(x.shape)
 
     @torch.no_grad()
-    def fit(self, tensors: dict, parts: list[dict]) -> list[dict]:
+    def fit(self, tensors: dict, parts: list[dict]) -> list[dict] | None:
         """`parts` with each routed expert's down projection (and its bias) re-solved so that the compressed
-        block reproduces the original block's output on the fitted rows (`streammerge.fit`). Which tokens reach
-        an expert, their router weights and the down projection's inputs are those of the compressed block's own
+        block reproduces the original block's output on the fitted rows (`streammerge.fit`), with the ridge that
+        does best on the scored tokens; None when none does better there than no fit. Which tokens reach an
+        expert, their router weights and the down projection's inputs are those of the compressed block's own
         forward; shared experts and everything else in the block stay as they are, so their outputs cancel."""
         block = self.block(tensors)
+        transposed, biased = block.experts.down_layout()
+        fitted_rows, fitted_residual = self.routed(block, self.held.fitted, biased)
+        scored_rows, scored_residual = self.routed(block, [(self.held.x, self.held.y)], biased)
+        del block
+        reached = [k for k in range(len(parts)) if fitted_rows[k]]  # an expert no fitted token reaches stays
+        nowhere = [Routed(torch.zeros(0, dtype=torch.long, device=r.rows.device), r.inputs[:0])
+                   for r in (fitted_rows[k] for k in reached)]  # for experts no scored token reaches
+        changes, _ = fit_on_held_out([fitted_rows[k] for k in reached], fitted_residual,
+                                     [scored_rows[k] or n for k, n in zip(reached, nowhere)], scored_residual)
+        if changes is None:
+            return None
+        down, bias = self.spec.down_parts()
+        fitted = [dict(p) for p in parts]
+        for k, change in zip(reached, changes):
+            change = change.to("cpu")
+            size = change.shape[1] - biased
+            weights = materialize(fitted[k][down])
+            fitted[k][down] = (weights.float() + (change[:, :size].T if transposed else change[:, :size])).to(weights.dtype)
+            release_pages(weights)
+            if biased:
+                before = materialize(fitted[k][bias])
+                fitted[k][bias] = (before.float() + change[:, size].view(before.shape)).to(before.dtype)
+        return fitted
+
+    def routed(self, block, chunks: list[tuple[torch.Tensor, torch.Tensor]], biased: bool):
+        """The block run on `chunks` of held (x, y): per expert (none where no token reaches it) its rows of the
+        chunks stacked and its gated down-projection inputs, with a constant input for the bias; and the
+        residual y - the block's output, in float32 on the device."""
         stream = block.experts
-        transposed, biased = stream.down_layout()
-        rows, inputs, residuals = [[] for _ in parts], [[] for _ in parts], []
+        rows, inputs, residuals = [[] for _ in stream.experts], [[] for _ in stream.experts], []
         offset = 0
-        for x, y in self.held.fitted:
+        for x, y in chunks:
             stream.fit_calls = []
             got = self.forward(block, x)
             residuals.append(y.to(got.device).float() - got.float())
@@ -180,23 +209,8 @@ class LayerCompression:
                 inputs[call.expert].append(a)
             offset += x.shape[0]
         stream.fit_calls = None
-        del block, stream
-        reached = [k for k in range(len(parts)) if rows[k]]  # an expert no fitted token reaches keeps its weights
-        experts = [Routed(torch.cat(rows[k]), torch.cat(inputs[k])) for k in reached]
-        del inputs
-        changes = fit_down_projections(experts, torch.cat(residuals))
-        down, bias = self.spec.down_parts()
-        fitted = [dict(p) for p in parts]
-        for k, change in zip(reached, changes):
-            change = change.to("cpu")
-            size = change.shape[1] - biased
-            weights = materialize(fitted[k][down])
-            fitted[k][down] = (weights.float() + (change[:, :size].T if transposed else change[:, :size])).to(weights.dtype)
-            release_pages(weights)
-            if biased:
-                before = materialize(fitted[k][bias])
-                fitted[k][bias] = (before.float() + change[:, size].view(before.shape)).to(before.dtype)
-        return fitted
+        routed = [Routed(torch.cat(r), torch.cat(a)) if r else None for r, a in zip(rows, inputs)]
+        return routed, torch.cat(residuals)
 
     @torch.no_grad()
     def block_error(self, tensors: dict, groups: list[list[int]], known: bool) -> float:

@@ -13,6 +13,12 @@ is smaller: token space (T x T, Woodbury) when the expert has fewer routed token
 token space a sweep never touches the inputs: an expert's change is A^T u with (A A^T + lam) u = t, its outputs'
 change A A^T u = t - lam u, so a sweep costs two triangular solves (2 T^2 H) per expert, and A^T u is formed once
 at the end.
+
+How strongly to pull towards the current weights is chosen per layer on held-out tokens (`fit_on_held_out`): with
+fewer routed tokens than inputs (Mixtral at 32 x 512 calibration tokens: ~4k per expert against I = 14,336) a weak
+ridge fits the calibration tokens and not the model. Each candidate ridge's held-out error comes in closed form
+from the held-out tokens' own down-projection inputs B: their change of output is B D^T, in token space
+(B A^T) u, so no change is formed and no expert runs until one ridge is chosen.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 RIDGE = 1e-3  # lam_k = RIDGE x the mean diagonal of expert k's Gram
+RIDGES = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # tried on held-out tokens (fit_on_held_out)
 SWEEPS = 32  # at most; tests/test_compress.py: within 1e-3 of the joint solve on a tiny model (16: 5e-3, 8: 4e-2)
 SETTLED = 1e-5  # a sweep that moves the outputs by less than this (relative) ends the sweeps
 
@@ -39,12 +46,12 @@ class Routed:
 class RidgeSolver:
     """argmin_D ||t - A D^T||^2 + lam ||D||^2 for one expert's A [T, I] and any t [T, H], factored once."""
 
-    def __init__(self, inputs: torch.Tensor, ridge: float = RIDGE):
+    def __init__(self, inputs: torch.Tensor, ridge: float = RIDGE, gram: torch.Tensor | None = None):
         a = inputs
         self.inputs = a
         self.ridge = (ridge * a.square().sum() / a.shape[1]).clamp(min=torch.finfo(a.dtype).tiny)
         self.token_space = a.shape[0] < a.shape[1]
-        gram = a @ a.T if self.token_space else a.T @ a
+        gram = gram_of(a) if gram is None else gram.clone()
         gram.diagonal().add_(self.ridge)
         self.factor = torch.linalg.cholesky(gram)
 
@@ -61,12 +68,48 @@ class RidgeSolver:
         return (self.inputs.T @ solution).T if self.token_space else solution.T
 
 
+def gram_of(a: torch.Tensor) -> torch.Tensor:
+    """A A^T in token space (fewer rows than columns), else A^T A."""
+    return a @ a.T if a.shape[0] < a.shape[1] else a.T @ a
+
+
 def fit_down_projections(experts: list[Routed], residual: torch.Tensor, sweeps: int = SWEEPS,
                          ridge: float = RIDGE) -> list[torch.Tensor]:
     """Each expert's change of down projection D_k [H, I] (its weights become W_k0 + D_k; with a bias, its
     last column is the bias's change), from `residual` [N, H] = y - (the block's output with the W_k0).
     `residual` is updated in place to the fitted block's residual."""
-    solvers = [RidgeSolver(e.inputs, ridge) for e in experts]
+    solvers, solutions = _sweep([RidgeSolver(e.inputs, ridge) for e in experts], experts, residual, sweeps)
+    return [solver.change(solution) for solver, solution in zip(solvers, solutions)]
+
+
+def fit_on_held_out(experts: list[Routed], residual: torch.Tensor, held_out: list[Routed],
+                    held_residual: torch.Tensor, ridges: tuple[float, ...] = RIDGES
+                    ) -> tuple[list[torch.Tensor] | None, float]:
+    """The changes (as `fit_down_projections`) with the ridge of `ridges` that leaves the least residual on the
+    held-out tokens, and that residual's norm; None and the unchanged norm when no ridge lowers it. `held_out[k]`
+    holds expert k's rows and down-projection inputs (gated, as `experts[k]`) on those tokens, `held_residual`
+    [M, H] their y - (the block's output with the W_k0)."""
+    grams = [gram_of(e.inputs) for e in experts]
+    cross = [h.inputs @ e.inputs.T if e.inputs.shape[0] < e.inputs.shape[1] else None
+             for e, h in zip(experts, held_out)]  # B A^T, for token-space solutions
+    best, best_norm = None, held_residual.norm().item()
+    for ridge in ridges:
+        solvers = [RidgeSolver(e.inputs, ridge, gram) for e, gram in zip(experts, grams)]
+        solvers, solutions = _sweep(solvers, experts, residual.clone(), SWEEPS)
+        left = held_residual.clone()
+        for h, b, solution in zip(held_out, cross, solutions):
+            left.index_add_(0, h.rows, -(b @ solution if b is not None else h.inputs @ solution))
+        norm = left.norm().item()
+        if norm < best_norm:
+            best, best_norm = (solvers, solutions), norm
+    if best is None:
+        return None, best_norm
+    solvers, solutions = best
+    return [solver.change(solution) for solver, solution in zip(solvers, solutions)], best_norm
+
+
+def _sweep(solvers: list[RidgeSolver], experts: list[Routed], residual: torch.Tensor, sweeps: int):
+    """Block Gauss-Seidel: (the solvers, each one's solution); `residual` ends as the fitted block's."""
     solutions = [None] * len(experts)  # every sweep sets them all
     outputs = [torch.zeros(len(e.rows), residual.shape[1], dtype=residual.dtype, device=residual.device)
                for e in experts]  # A_k D_k^T: each expert's current change of output on its rows
@@ -80,4 +123,4 @@ def fit_down_projections(experts: list[Routed], residual: torch.Tensor, sweeps: 
             outputs[k] = output
         if moved <= SETTLED ** 2 * sum(o.square().sum() for o in outputs):  # one host sync per sweep
             break
-    return [solver.change(solution) for solver, solution in zip(solvers, solutions)]
+    return solvers, solutions

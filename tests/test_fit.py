@@ -2,7 +2,7 @@
 
 import torch
 
-from streammerge.fit import RidgeSolver, Routed, fit_down_projections
+from streammerge.fit import RidgeSolver, Routed, fit_down_projections, fit_on_held_out
 
 
 def routed_block(tokens=600, experts=4, top_k=2, inputs=24, hidden=16, seed=0):
@@ -84,3 +84,18 @@ def test_token_space_and_input_space_agree():
         solution, output = solver.solve(target)
         assert torch.allclose(solver.change(solution), want, atol=1e-10)
         assert torch.allclose(output, a @ want.T, atol=1e-10)
+
+
+def test_the_ridge_is_chosen_on_held_out_tokens():
+    """Fewer tokens than inputs (~75 against 80) and a noisy target: the weakest ridge fits the noise and does
+    worse on held-out tokens than no fit at all; a stronger one is chosen. Nothing to gain on them: no fit."""
+    routed, g = routed_block(tokens=600, inputs=80)
+    truth = [torch.randn(16, 80, generator=g, dtype=torch.float64) for _ in routed]
+    fitted = [Routed(e.rows[e.rows < 150], e.inputs[e.rows < 150]) for e in routed]
+    held = [Routed(e.rows[e.rows >= 150] - 150, e.inputs[e.rows >= 150]) for e in routed]
+    target = predict(routed, truth, 600, 16) + torch.randn(600, 16, generator=g, dtype=torch.float64)
+    unfitted = target[150:].norm().item()
+    assert fit_on_held_out(fitted, target[:150].clone(), held, target[150:], ridges=(1e-3,)) == (None, unfitted)
+    changes, norm = fit_on_held_out(fitted, target[:150].clone(), held, target[150:])
+    assert changes is not None and norm < 0.8 * unfitted
+    assert fit_on_held_out(fitted, target[:150].clone(), held, torch.zeros(450, 16, dtype=torch.float64)) == (None, 0.0)

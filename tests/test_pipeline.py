@@ -3,7 +3,9 @@
 import hashlib
 import json
 import os
+import re
 from collections import Counter
+from pathlib import Path
 import subprocess
 import sys
 import threading
@@ -24,12 +26,15 @@ from streammerge.arch import ARCHITECTURES
 from streammerge.calibration import sample_windows
 from streammerge.checkpoint import CheckpointReader
 from streammerge.cli import main
+from streammerge.compress import LayerCompression
 from streammerge.options import DEFAULT_TEXT
 from streammerge.pipeline import Run, RunOptions, run
 from streammerge.runner import ExpertStream, reduced_config
 from test_make_synthetic import make_synthetic, shrunken_config
 
-OPTIONS = dict(samples=6, seqlen=32, batch=4, ratio=0.5, device="cpu", method="hcsmoe", feature="mean-output")
+EXAMPLES = Path(__file__).parent.parent / "streammerge" / "examples"
+# unfitted: the reference is the paper's HC-SMoE
+OPTIONS = dict(samples=6, seqlen=32, batch=4, ratio=0.5, device="cpu", method="hcsmoe", feature="mean-output", fit="none")
 
 
 @pytest.fixture(scope="session")
@@ -88,15 +93,16 @@ def test_scores_from_known_outputs_equal_running_the_experts(tiny_models, family
     layer = min(state.moe_layers)
     tensors = state.model.reader.read(state.model.layer_names(layer))
     stats, held = state.measure(layer, state.runner.build(layer, tensors), state.hidden(layer), state.hidden(layer + 1))
-    plans = state.candidates(stats)
+    compression = LayerCompression(state.runner, layer, tensors, stats, held, state.k, state.options)
+    plans = compression.candidates()
     assert any(len(g) > 1 for g in plans["hcsmoe"]) and all(len(g) == 1 for g in plans["prune-freq"])
     for method, groups in plans.items():
-        out = state.layer_tensors(layer, tensors, groups, stats)
+        out = compression.layer_tensors(groups, compression.expert_parts(groups))
         block = state.spec.moe_block(state.runner.build(layer, out, reduced_config(state.spec, state.config, state.k)))
         got = block(held.x.unsqueeze(0))
         got = (got[0] if isinstance(got, tuple) else got).reshape(held.y.shape)
         ran = ((got - held.y).double().norm() / held.y.double().norm()).item()
-        assert state.block_error(layer, out, groups, held) == pytest.approx(ran, rel=1e-5), method
+        assert compression.block_error(out, groups, known=True) == pytest.approx(ran, rel=1e-5), method
 
 
 def test_output_loads_strictly_and_generates(compressed, family):
@@ -138,6 +144,28 @@ def test_non_expert_tensors_are_byte_identical(tiny_models, compressed, family):
     for name in kept:
         assert source[name].dtype == merged[name].dtype
         assert source[name].numpy().tobytes() == merged[name].numpy().tobytes(), name
+
+
+def test_the_fit_changes_only_the_down_projections_it_was_kept_for(tmp_path):
+    """With the experts chosen by the statistics alone (prune-freq), `--fit lsq` and `--fit none` write the
+    same bytes everywhere but in the kept experts' down projections of the layers whose fit was kept; `--fit none`
+    is then the unfitted method checked against the reference above, and records no fit. On a trained example,
+    where the fit pays."""
+    options = dict(samples=8, seqlen=128, batch=2, ratio=0.5, device="cpu", method="prune-freq")
+    fitted_dir, plain_dir = tmp_path / "lsq", tmp_path / "none"
+    for fit, out in (("lsq", fitted_dir), ("none", plain_dir)):
+        run(EXAMPLES / "scratch", out, RunOptions(**options, fit=fit))
+    (_, fitted), (_, plain) = _tensors(fitted_dir), _tensors(plain_dir)
+    layers = {r["layer"]: r for r in json.loads((fitted_dir / "streammerge.json").read_text())["layers"]}
+    assert all("fitted" not in r for r in json.loads((plain_dir / "streammerge.json").read_text())["layers"])
+    assert any(r["fitted"] and r["error"] < r["unfitted_error"] for r in layers.values())
+    assert fitted.keys() == plain.keys()
+    for name in plain:
+        down = re.search(r"layers\.(\d+)\..*experts\.\d+\.w2\.", name)
+        if down and layers[int(down.group(1))]["fitted"]:
+            assert not torch.equal(fitted[name], plain[name]), name
+        else:
+            assert fitted[name].numpy().tobytes() == plain[name].numpy().tobytes(), name
 
 
 def _synthetic_mixtral(tmp_path):

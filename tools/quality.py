@@ -56,7 +56,8 @@ def label(setting: dict) -> str:
 def measure(model: Path, ratios: list[float], work: Path) -> tuple[float, dict]:
     base = perplexity(model, HELDOUT, device="cpu")["perplexity"]
     results = {}
-    for setting, ratio in product(settings(), ratios):
+    fitted_first = sorted(settings(), key=lambda s: s["fit"] == "none")  # the new rows show early in the log
+    for setting, ratio in product(fitted_first, ratios):
         out = work / f"{model.name}-{len(results)}"
         run(model, out, RunOptions(ratio=ratio, device="cpu", **setting))
         ppl = perplexity(out, HELDOUT, device="cpu")["perplexity"]
