@@ -17,7 +17,7 @@ from .runner import LayerRunner, reduced_config
 from .statistics import ExpertStatistics
 
 SCORED_TOKENS = 512  # of the last chunk, on which compressed MoE blocks are scored
-FIT_TOKENS = 16384  # at most, evenly spaced over the fitted chunks: the fit keeps the kept experts' inputs on them
+FIT_TOKENS = 8192  # at most, evenly spaced over the fitted chunks: the fit keeps the kept experts' inputs on them
 
 
 def scored_rows(x: torch.Tensor) -> slice:

@@ -32,9 +32,10 @@ O(E·(H + N + S·chunks·H)), never by expert weights:
                       family. Sub-batching an expert call over fewer tokens shrinks it (`placement`);
                       output fit (--fit lsq), after the statistics: on F = min(FIT_TOKENS, the fitted chunks'
                       tokens) routed top-k' times among K experts (t = F·k'/K each), the kept experts' down-
-                      projection inputs with their solutions and outputs, the residual and each expert's factored
-                      system (t² or I², the smaller), 4·(F·k'·(I + 1 + 2H) + F·H + K·min(t, I)²), beside the
-                      experts' working set of its forward
+                      projection inputs, their outputs and the solutions of two ridges (streammerge.fit), the
+                      residual and its copy, and each expert's system and its factor (t² or I², the smaller),
+                      4·(F·k'·(I + 1 + 3H) + 2·F·H + 2·K·min(t, I)²), beside the experts' working set of its
+                      forward
   routing             the router, E·H·c; its logits and probabilities in float32, N·E·8; and every expert's
                       output on the S sampled tokens of every chunk, E·S·chunks·H·c
   CUDA context        CUDA_CONTEXT_BYTES (driver, kernels, allocator slack), on CUDA only
@@ -64,7 +65,8 @@ the attention scores QKᵀ and AV over full seqlen² windows, 4·T·seqlen·head
 half do less); the layer then runs again without its experts for its outputs (`Run.measure`), which adds the
 non-expert matrices and the scores once more. --propagate merged adds a pass of the compressed layer with only the
 routed top-k experts per token. --fit lsq adds, per candidate (three with --method auto), the compressed block's
-experts on the F fitted tokens, the K systems, at most SWEEPS Gauss-Seidel sweeps and the changes (streammerge.fit).
+experts on the F fitted tokens, the K systems, at most SWEEPS Gauss-Seidel sweeps for each ridge of RIDGES and the
+changes (streammerge.fit).
 Scoring candidates on one chunk is left out. Bytes read: the layer's tensors and its input hidden states; written:
 its output shard and the next layer's hidden states.
 Time: the whole run's FLOPs at the rate of square matmuls in the compute dtype, timed on this machine's device
@@ -88,7 +90,7 @@ from .arch import LAYER_PREFIX, ArchSpec
 from .compress import FIT_TOKENS, SCORED_TOKENS, fitted_chunks
 from .device import resolve_dtype
 from .errors import InputError, InsufficientResourcesError
-from .fit import SWEEPS
+from .fit import RIDGES, SWEEPS
 from .model import WEIGHT_SUFFIXES, Model, open_config
 from .options import RunOptions, check_options, target_experts
 from .routed import Placement
@@ -145,6 +147,7 @@ class Plan:
     whole_run: Work
     expert_bytes_per_token: int = 0  # of the experts' working set: what sub-batching an expert call saves
     chunk_tokens: int = 0
+    fit_bound: bool = False  # the output fit's stage is the working set's largest
     source: str = "checkpoint headers"
     matmul_rate: float | None = None  # FLOP/s timed on this machine's planned device, if it has one
 
@@ -255,7 +258,7 @@ def estimate(spec: ArchSpec, config, tensors: TensorTable, options: RunOptions, 
             space = min(expert_tokens, expert_intermediate)  # token or input space, whichever is smaller
             flops += candidates * (2 * fit_tokens * top_k_after * expert_numel  # the compressed block's experts
                                    + k * 2 * expert_tokens * expert_intermediate * space  # the Grams
-                                   + k * SWEEPS * 4 * expert_tokens * hidden * space  # the sweeps, at most
+                                   + k * len(RIDGES) * SWEEPS * 4 * expert_tokens * hidden * space  # sweeps
                                    + k * 2 * expert_tokens * expert_intermediate * hidden)  # the changes
         work = Work(flops=flops,
                     bytes_read=sum(_bytes(tensors[n]) for n in names) + hidden_set,
@@ -270,8 +273,8 @@ def estimate(spec: ArchSpec, config, tensors: TensorTable, options: RunOptions, 
         attention_set += min(options.batch, options.samples) * heads * options.seqlen ** 2 * (c + FLOAT32_BYTES)
     top_k = spec.top_k(config)
     experts_set = chunk * EXPERT_ACTIVATIONS * intermediate * c
-    fit_set = experts_set + FLOAT32_BYTES * (fit_tokens * top_k_after * (intermediate + 1 + 2 * hidden)
-                                             + fit_tokens * hidden + k * min(expert_tokens, intermediate) ** 2)
+    fit_set = experts_set + FLOAT32_BYTES * (fit_tokens * top_k_after * (intermediate + 1 + 3 * hidden)
+                                             + 2 * fit_tokens * hidden + 2 * k * min(expert_tokens, intermediate) ** 2)
     device_memory = {
         "non-expert weights": non_expert * c,
         "one expert": one_expert * c,
@@ -318,6 +321,7 @@ def estimate(spec: ArchSpec, config, tensors: TensorTable, options: RunOptions, 
         device_memory=device_memory, host_memory=host_memory, disk=disk,
         largest_layer=largest, whole_run=total,
         expert_bytes_per_token=EXPERT_ACTIVATIONS * intermediate * c, chunk_tokens=chunk,
+        fit_bound=bool(fit_tokens) and fit_set > max(attention_set, experts_set),
     )
 
 
@@ -488,6 +492,8 @@ def preflight(plan: Plan, out_dir: Path, reused: int, device: torch.device | Non
     if fits is None:
         raise InsufficientResourcesError(
             f"not enough GPU memory on {device}: the run needs about {human_bytes(plan.device_peak)} "
-            f"({_parts(plan.device_memory)}), {human_bytes(free_device)} free: lower --batch or --seqlen, or use --device cpu"
+            f"({_parts(plan.device_memory)}), {human_bytes(free_device)} free: lower --batch or --seqlen"
+            f"{', or --samples or --fit none (the output fit sets the working set)' if plan.fit_bound else ''}, "
+            f"or use --device cpu"
         )
     return fits
