@@ -3,7 +3,7 @@ come in (mapped), the chosen compressed tensors go out; transformers' layers run
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
@@ -54,6 +54,7 @@ class Candidate:
     error: float  # relative MoE-block output error on the scored tokens, after the fit where it was kept
     unfitted_error: float
     fitted: bool = False
+    unfitted: dict | None = None  # the tensors before the fit
 
 
 class LayerCompression:
@@ -75,13 +76,19 @@ class LayerCompression:
 
     def best(self) -> tuple[Candidate, dict[str, float]]:
         """The candidate with the lowest block error, and every candidate's error. Candidates are built (and
-        fitted) one at a time, keeping only the best so far."""
+        fitted) one at a time, keeping only the best so far. A fitted candidate's error is the fit's own, in the
+        compute dtype; the chosen one's is then measured as written, in the weights' dtype, and its fit dropped
+        if that is no better than no fit."""
         best, errors = None, {}
         for method, groups in self.candidates().items():
             candidate = self.compress(method, groups)
             errors[method] = candidate.error
             if best is None or candidate.error < best.error:
                 best = candidate
+        if best.fitted:
+            written = self.block_error(best.tensors, best.groups, known=False)
+            best = (replace(best, error=written) if written < best.unfitted_error else
+                    Candidate(best.method, best.groups, best.unfitted, best.unfitted_error, best.unfitted_error))
         return best, errors
 
     def candidates(self) -> dict[str, list[list[int]]]:
@@ -106,20 +113,18 @@ class LayerCompression:
         return groups
 
     def compress(self, method: str, groups: list[list[int]]) -> Candidate:
-        """A candidate's tensors and error. Fitted, it keeps the fit only where the fit lowers the error on the
-        scored tokens, which the fit did not learn from when there are several chunks: an expert with fewer
-        routed tokens than inputs can fit its calibration tokens too closely."""
+        """A candidate's tensors and error, fitted with `--fit lsq` where the fit lowers the error on the scored
+        tokens, which it did not learn from when there are several chunks: an expert with fewer routed tokens
+        than inputs can fit its calibration tokens too closely."""
         parts = self.expert_parts(groups)
         tensors = self.layer_tensors(groups, parts)
-        error = self.block_error(tensors, groups, known=True)
-        fitted_parts = self.fit(tensors, parts) if self.options.fit == "lsq" else None
-        if fitted_parts is None:
+        if self.options.fit == "none":
+            error = self.block_error(tensors, groups, known=True)
             return Candidate(method, groups, tensors, error, error)
-        fitted = self.layer_tensors(groups, fitted_parts)
-        fitted_error = self.block_error(fitted, groups, known=False)  # as written: in the weights' dtype
-        if fitted_error >= error:
+        fitted, error, fitted_error = self.fit(tensors, parts)
+        if fitted is None:
             return Candidate(method, groups, tensors, error, error)
-        return Candidate(method, groups, fitted, fitted_error, error, fitted=True)
+        return Candidate(method, groups, self.layer_tensors(groups, fitted), fitted_error, error, True, tensors)
 
     def expert_parts(self, groups: list[list[int]]) -> list[dict]:
         """Each group's expert: a kept expert's mapped parts, or its members' merge, computed when used."""
@@ -157,24 +162,27 @@ class LayerCompression:
         return (out[0] if isinstance(out, tuple) else out).reshape(x.shape)
 
     @torch.no_grad()
-    def fit(self, tensors: dict, parts: list[dict]) -> list[dict] | None:
-        """`parts` with each routed expert's down projection (and its bias) re-solved so that the compressed
+    def fit(self, tensors: dict, parts: list[dict]) -> tuple[list[dict] | None, float, float]:
+        """(`parts` with each routed expert's down projection (and its bias) re-solved so that the compressed
         block reproduces the original block's output on the fitted rows (`streammerge.fit`), with the ridge that
-        does best on the scored tokens; None when none does better there than no fit. Which tokens reach an
-        expert, their router weights and the down projection's inputs are those of the compressed block's own
-        forward; shared experts and everything else in the block stay as they are, so their outputs cancel."""
+        does best on the scored tokens, or None when none does better there than no fit; the block error on the
+        scored tokens before the fit, and after it). Which tokens reach an expert, their router weights and the
+        down projection's inputs are those of the compressed block's own forward; shared experts and everything
+        else in the block stay as they are, so their outputs cancel."""
         block = self.block(tensors)
         transposed, biased = block.experts.down_layout()
         fitted_rows, fitted_residual = self.routed(block, self.held.fitted, biased)
         scored_rows, scored_residual = self.routed(block, [(self.held.x, self.held.y)], biased)
         del block
+        scale = self.held.y.double().norm().item()
         reached = [k for k in range(len(parts)) if fitted_rows[k]]  # an expert no fitted token reaches stays
         nowhere = [Routed(torch.zeros(0, dtype=torch.long, device=r.rows.device), r.inputs[:0])
                    for r in (fitted_rows[k] for k in reached)]  # for experts no scored token reaches
-        changes, _ = fit_on_held_out([fitted_rows[k] for k in reached], fitted_residual,
-                                     [scored_rows[k] or n for k, n in zip(reached, nowhere)], scored_residual)
+        changes, norm = fit_on_held_out([fitted_rows[k] for k in reached], fitted_residual,
+                                        [scored_rows[k] or n for k, n in zip(reached, nowhere)], scored_residual)
+        error = scored_residual.double().norm().item() / scale
         if changes is None:
-            return None
+            return None, error, error
         down, bias = self.spec.down_parts()
         fitted = [dict(p) for p in parts]
         for k, change in zip(reached, changes):
@@ -186,7 +194,7 @@ class LayerCompression:
             if biased:
                 before = materialize(fitted[k][bias])
                 fitted[k][bias] = (before.float() + change[:, size].view(before.shape)).to(before.dtype)
-        return fitted
+        return fitted, error, norm / scale
 
     def routed(self, block, chunks: list[tuple[torch.Tensor, torch.Tensor]], biased: bool):
         """The block run on `chunks` of held (x, y): per expert (none where no token reaches it) its rows of the

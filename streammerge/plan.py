@@ -31,11 +31,11 @@ O(E·(H + N + S·chunks·H)), never by expert weights:
                       output and the routed rows' copies after it, N·H·(1 + 2k/E)·c, are smaller in every
                       family. Sub-batching an expert call over fewer tokens shrinks it (`placement`);
                       output fit (--fit lsq), after the statistics: on F = min(FIT_TOKENS, the fitted chunks'
-                      tokens) routed top-k' times among K experts (t = F·k'/K each), the kept experts' down-
-                      projection inputs, their outputs and the solutions of two ridges (streammerge.fit), the
-                      residual and its copy, and each expert's system and its factor (t² or I², the smaller),
-                      4·(F·k'·(I + 1 + 3H) + 2·F·H + 2·K·min(t, I)²), beside the experts' working set of its
-                      forward
+                      tokens) routed top-k' times among K experts, the kept experts' down-projection inputs and
+                      the residual with its float64 copy, 4·F·(k'·(I + 1) + 2H); the joint system of side
+                      S = min(F, K·(I + 1)) and its factor, the solutions of two ridges and, in input space, the
+                      stacked inputs, 8·(2·S² + 2·S·H + F·S) (streammerge.fit), beside the experts' working set
+                      of its forward
   routing             the router, E·H·c; its logits and probabilities in float32, N·E·8; and every expert's
                       output on the S sampled tokens of every chunk, E·S·chunks·H·c
   CUDA context        CUDA_CONTEXT_BYTES (driver, kernels, allocator slack), on CUDA only
@@ -65,8 +65,8 @@ the attention scores QKᵀ and AV over full seqlen² windows, 4·T·seqlen·head
 half do less); the layer then runs again without its experts for its outputs (`Run.measure`), which adds the
 non-expert matrices and the scores once more. --propagate merged adds a pass of the compressed layer with only the
 routed top-k experts per token. --fit lsq adds, per candidate (three with --method auto), the compressed block's
-experts on the F fitted tokens, the K systems, at most SWEEPS Gauss-Seidel sweeps for each ridge of RIDGES and the
-changes (streammerge.fit).
+experts on the F fitted and the scored tokens, the joint system (the K experts' t x t Grams, t = F·k'/K, or the
+stacked inputs' Gram), its factorization and solve for each ridge of RIDGES, and the changes (streammerge.fit).
 Scoring candidates on one chunk is left out. Bytes read: the layer's tensors and its input hidden states; written:
 its output shard and the next layer's hidden states.
 Time: the whole run's FLOPs at the rate of square matmuls in the compute dtype, timed on this machine's device
@@ -90,7 +90,7 @@ from .arch import LAYER_PREFIX, ArchSpec
 from .compress import FIT_TOKENS, SCORED_TOKENS, fitted_chunks
 from .device import resolve_dtype
 from .errors import InputError, InsufficientResourcesError
-from .fit import RIDGES, SWEEPS
+from .fit import RIDGES
 from .model import WEIGHT_SUFFIXES, Model, open_config
 from .options import RunOptions, check_options, target_experts
 from .routed import Placement
@@ -255,10 +255,12 @@ def estimate(spec: ArchSpec, config, tensors: TensorTable, options: RunOptions, 
             routed_matrices = matrices - (experts - top_k_after) * expert_numel
             flops += 2 * tokens * routed_matrices + scores_flops
         if layer in moe_layers and fit_tokens:
-            space = min(expert_tokens, expert_intermediate)  # token or input space, whichever is smaller
-            flops += candidates * (2 * fit_tokens * top_k_after * expert_numel  # the compressed block's experts
-                                   + k * 2 * expert_tokens * expert_intermediate * space  # the Grams
-                                   + k * len(RIDGES) * SWEEPS * 4 * expert_tokens * hidden * space  # sweeps
+            unknowns = k * (expert_intermediate + 1)
+            system = min(fit_tokens, unknowns)  # token space (F x F) or input space (K·I x K·I)
+            build = (k * 2 * expert_tokens ** 2 * expert_intermediate if fit_tokens < unknowns
+                     else 2 * fit_tokens * unknowns ** 2)
+            flops += candidates * (2 * (fit_tokens + SCORED_TOKENS) * top_k_after * expert_numel  # the experts
+                                   + build + len(RIDGES) * (system ** 3 // 3 + 2 * system ** 2 * hidden)
                                    + k * 2 * expert_tokens * expert_intermediate * hidden)  # the changes
         work = Work(flops=flops,
                     bytes_read=sum(_bytes(tensors[n]) for n in names) + hidden_set,
@@ -273,8 +275,9 @@ def estimate(spec: ArchSpec, config, tensors: TensorTable, options: RunOptions, 
         attention_set += min(options.batch, options.samples) * heads * options.seqlen ** 2 * (c + FLOAT32_BYTES)
     top_k = spec.top_k(config)
     experts_set = chunk * EXPERT_ACTIVATIONS * intermediate * c
-    fit_set = experts_set + FLOAT32_BYTES * (fit_tokens * top_k_after * (intermediate + 1 + 3 * hidden)
-                                             + 2 * fit_tokens * hidden + 2 * k * min(expert_tokens, intermediate) ** 2)
+    system = min(fit_tokens, k * (intermediate + 1))
+    fit_set = (experts_set + FLOAT32_BYTES * fit_tokens * (top_k_after * (intermediate + 1) + 2 * hidden)
+               + FLOAT64_BYTES * (2 * system ** 2 + 2 * system * hidden + fit_tokens * system))
     device_memory = {
         "non-expert weights": non_expert * c,
         "one expert": one_expert * c,

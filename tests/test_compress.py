@@ -85,14 +85,12 @@ def test_a_block_that_kept_every_expert_is_unchanged(tiny_models, family):
     changes = fit_down_projections([r for r in routed if r is not None], residual)
     for change, expert in zip(changes, [p for p, r in zip(parts, routed) if r is not None]):
         assert change.norm() / materialize(expert[down]).norm() < 1e-5
-    assert compress.fit(compress.layer_tensors(groups, parts), parts) is None  # it cannot lower the error
+    assert compress.fit(compress.layer_tensors(groups, parts), parts)[0] is None  # it cannot lower the error
 
 
 @pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])  # per-expert [H, I]; fused, biased [I, H]
 def test_the_streamed_fit_equals_the_joint_solve(tiny_models, family, monkeypatch):
-    """At the ridge the examples choose most (0.1): the sweeps stop once they move the outputs by under SETTLED,
-    which at the weakest ridge (1e-3, slow to converge) leaves the weights 5e-3 from the joint solution."""
-    monkeypatch.setattr(compress_module, "fit_on_held_out", partial(fit_on_held_out, ridges=(1e-1,)))
+    monkeypatch.setattr(compress_module, "fit_on_held_out", partial(fit_on_held_out, ridges=(1e-3,)))
     model, layer, runner, tensors = layer_of(tiny_models, family)
     spec = model.spec
     experts = spec.num_experts(model.config)
@@ -101,7 +99,7 @@ def test_the_streamed_fit_equals_the_joint_solve(tiny_models, family, monkeypatc
     groups = [[e] for e in range(0, experts, 2)]
     parts = compress.expert_parts(groups)
     unfitted = compress.layer_tensors(groups, parts)
-    fitted = compress.fit(unfitted, parts)
+    fitted, _, _ = compress.fit(unfitted, parts)
 
     block = compress.block(unfitted)  # the joint system, from the compressed block's own routing
     block.experts.fit_calls = []
@@ -111,7 +109,7 @@ def test_the_streamed_fit_equals_the_joint_solve(tiny_models, family, monkeypatc
     calls = sorted(block.experts.fit_calls, key=lambda call: call.expert)
     assert [c.expert for c in calls] == list(range(len(groups)))
     inputs = [torch.cat([c.inputs, torch.ones_like(c.inputs[:, :1])], 1) if biased else c.inputs for c in calls]
-    changes = joint([Routed(c.rows, (a * c.gate).double()) for c, a in zip(calls, inputs)], residual, 1e-1)
+    changes = joint([Routed(c.rows, (a * c.gate).double()) for c, a in zip(calls, inputs)], residual, 1e-3)
     down, bias = spec.down_parts()
     for change, before, after in zip(changes, parts, fitted):
         size = change.shape[1] - biased
