@@ -3,7 +3,7 @@ come in (mapped), the chosen compressed tensors go out; transformers' layers run
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import torch
@@ -25,9 +25,11 @@ def scored_rows(x: torch.Tensor) -> slice:
     return slice(None, None, max(1, x.shape[0] // SCORED_TOKENS))
 
 
-def fit_rows(tokens: int) -> slice:
-    """The rows of each fitted chunk the fit learns from, when the fitted chunks hold `tokens` tokens."""
-    return slice(None, None, -(-tokens // FIT_TOKENS))
+def fit_rows(fitted: int, calibration: int) -> slice:
+    """The rows of each fitted chunk the fit learns from, when the fitted chunks hold `fitted` of the
+    `calibration` tokens: at most FIT_TOKENS, and at most half the calibration tokens, which bounds the fit's
+    expert work per candidate to k'/(2E) of the statistics' (Mixtral: 1/8)."""
+    return slice(None, None, -(-fitted // min(FIT_TOKENS, max(1, calibration // 2))))
 
 
 def fitted_chunks(chunks: int) -> range:
@@ -38,12 +40,14 @@ def fitted_chunks(chunks: int) -> range:
 @dataclass
 class Held:
     """What a layer's candidates are fitted and scored on, on the host: the scored tokens' MoE block inputs x,
-    outputs y and every original expert's outputs there; and (x, y) on the rows of each fitted chunk."""
+    outputs y and every original expert's outputs there (and with the fit, their down-projection inputs); and
+    (x, y) on the rows of each fitted chunk."""
 
     x: torch.Tensor
     y: torch.Tensor
     outputs: list[torch.Tensor]
     fitted: list[tuple[torch.Tensor, torch.Tensor]]
+    down_inputs: list[torch.Tensor] = field(default_factory=list)
 
 
 @dataclass
@@ -121,7 +125,7 @@ class LayerCompression:
         if self.options.fit == "none":
             error = self.block_error(tensors, groups, known=True)
             return Candidate(method, groups, tensors, error, error)
-        fitted, error, fitted_error = self.fit(tensors, parts)
+        fitted, error, fitted_error = self.fit(tensors, parts, groups)
         if fitted is None:
             return Candidate(method, groups, tensors, error, error)
         return Candidate(method, groups, self.layer_tensors(groups, fitted), fitted_error, error, True, tensors)
@@ -162,7 +166,7 @@ class LayerCompression:
         return (out[0] if isinstance(out, tuple) else out).reshape(x.shape)
 
     @torch.no_grad()
-    def fit(self, tensors: dict, parts: list[dict]) -> tuple[list[dict] | None, float, float]:
+    def fit(self, tensors: dict, parts: list[dict], groups: list[list[int]]) -> tuple[list[dict] | None, float, float]:
         """(`parts` with each routed expert's down projection (and its bias) re-solved so that the compressed
         block reproduces the original block's output on the fitted rows (`streammerge.fit`), with the ridge that
         does best on the scored tokens, or None when none does better there than no fit; the block error on the
@@ -172,6 +176,9 @@ class LayerCompression:
         block = self.block(tensors)
         transposed, biased = block.experts.down_layout()
         fitted_rows, fitted_residual = self.routed(block, self.held.fitted, biased)
+        kept = {k: g[0] for k, g in enumerate(groups) if len(g) == 1} if self.held.down_inputs else {}
+        block.experts.known = {k: self.held.outputs[e] for k, e in kept.items()}  # from the statistics pass
+        block.experts.known_down_inputs = {k: self.held.down_inputs[e] for k, e in kept.items()}
         scored_rows, scored_residual = self.routed(block, [(self.held.x, self.held.y)], biased)
         del block
         scale = self.held.y.double().norm().item()

@@ -81,7 +81,7 @@ class JointSystem:
     def changes(self, solution: torch.Tensor) -> list[torch.Tensor]:
         """Each expert's D_k [H, I_k], in its inputs' dtype."""
         if self.token_space:
-            return [((e.inputs.T.double() @ solution[e.rows]) / scale).T.to(e.inputs.dtype)
+            return [(e.inputs.T @ (solution[e.rows] / scale).to(e.inputs.dtype)).T  # the largest product: not float64
                     for e, scale in zip(self.experts, self.scales)]
         return [block.T.to(e.inputs.dtype) for e, block in zip(self.experts, solution.split(self.sizes))]
 
@@ -96,7 +96,7 @@ class JointSystem:
         out = torch.zeros(rows, solution.shape[1], dtype=torch.float64, device=solution.device)
         if self.token_space:
             if self.cross is None or self.cross[0] is not held_out:  # B_k A_k^T / m_k, the same for every ridge
-                self.cross = held_out, [(h.inputs @ e.inputs.T).double() / scale
+                self.cross = held_out, [(h.inputs @ e.inputs.T).double() / scale  # [M_k, T_k]
                                         for e, h, scale in zip(self.experts, held_out, self.scales)]
             for e, h, cross in zip(self.experts, held_out, self.cross[1]):
                 out.index_add_(0, h.rows, cross @ solution[e.rows])

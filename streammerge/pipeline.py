@@ -272,18 +272,23 @@ class Run:
         for c in counted:
             stats.add_routing(tokens.chunks[c])  # where they are kept: only counts and sizes are read
         sampled: list[list[torch.Tensor]] = [[] for _ in self.chunks]
-        outputs = []
+        outputs, down_inputs = [], []
+        stream.keep_down_inputs = self.options.fit != "none" and not self.spec.scaled_input_experts  # llama4's
+        # experts take scaled inputs in the block, not the statistics' unscaled ones
 
-        def observe(expert, c, chunk, y):
+        def observe(expert, c, chunk, y, h):
             if c == 0:
                 self.overlap(layer)
             if c == scored:
                 outputs.append(y[scored_rows(y)].clone())
+                if h is not None:
+                    down_inputs.append(h[scored_rows(h)].to("cpu", copy=True))
             if c in counted:
                 stats.add_expert(expert, y, chunk)
                 sampled[c].append(y[sampled_rows(y)].clone())  # a strided view would keep all of y alive
 
         combined = stream.sweep(tokens, observe)
+        stream.keep_down_inputs = False
         for c in counted:
             x = tokens.chunks[c].x
             stats.add_sample(x[sampled_rows(x)].to(self.device), torch.stack(sampled[c]))
@@ -295,7 +300,7 @@ class Run:
         hidden = self.config.hidden_size
         propagating, fitting = self.options.propagate == "original", self.options.fit != "none"
         fit_chunks = fitted_chunks(len(self.chunks)) if fitting else range(0)
-        learned = fit_rows(sum(len(self.chunks[c]) for c in fit_chunks) * self.options.seqlen)
+        learned = fit_rows(sum(len(self.chunks[c]) for c in fit_chunks) * self.options.seqlen, self.tokens.numel())
         # "merged" propagation needs the original outputs only where they are scored or fitted
         replayed = range(len(self.chunks)) if propagating else sorted({scored, *fit_chunks})
         stream.replay = iter(combined[c] for c in replayed)
@@ -312,7 +317,7 @@ class Run:
                 hook.remove()
         x, y = (block[k].reshape(-1, hidden) for k in "xy")
         held = Held(x[scored_rows(x)].to("cpu", copy=True), y[scored_rows(y)].to("cpu", copy=True),
-                    [o.to("cpu") for o in outputs], fitted)
+                    [o.to("cpu") for o in outputs], fitted, down_inputs)
         return stats.to_host(), held
 
     def check_finite(self, layer: int, tensors: dict, stats: ExpertStatistics) -> None:

@@ -30,8 +30,8 @@ O(E·(H + N + S·chunks·H)), never by expert weights:
                       product with up [N, I], 4·N·I·c (checked against a traced run in tests/test_plan.py); its
                       output and the routed rows' copies after it, N·H·(1 + 2k/E)·c, are smaller in every
                       family. Sub-batching an expert call over fewer tokens shrinks it (`placement`);
-                      output fit (--fit lsq), after the statistics: on F = min(FIT_TOKENS, the fitted chunks'
-                      tokens) routed top-k' times among K experts, the kept experts' down-projection inputs and
+                      output fit (--fit lsq), after the statistics: on F = min(FIT_TOKENS, T/2, the fitted
+                      chunks' tokens) routed top-k' times among K experts, the kept experts' down-projection inputs and
                       the residual with its float64 copy, 4·F·(k'·(I + 1) + 2H); the joint system of side
                       S = min(F, K·(I + 1)) and its factor, the solutions of two ridges and, in input space, the
                       stacked inputs, 8·(2·S² + 2·S·H + F·S) (streammerge.fit), beside the experts' working set
@@ -50,7 +50,7 @@ Host peak (RSS):
   hidden states       one chunk read from disk and one chunk written, 2·N·H·c
   scored outputs      every expert's output on the scored tokens (about SCORED_TOKENS of the last chunk's N, every
                       ⌊N / SCORED_TOKENS⌋-th), E·rows·H·c, from which pruned candidates are scored without
-                      running experts again
+                      running experts again; with the fit also their down-projection inputs, E·rows·I·c
   statistics          E×H float64 output sums, the E×E token distances, and the S sampled MoE inputs of every
                       chunk in float32 (for router fitting)
   fit                 --fit lsq: the MoE block's inputs and outputs on the F fitted tokens, 2·F·H·c, and the fitted
@@ -231,7 +231,7 @@ def estimate(spec: ArchSpec, config, tensors: TensorTable, options: RunOptions, 
     scores_flops = 4 * tokens * options.seqlen * heads * head_dim
     chunks = math.ceil(options.samples / options.batch)
     fitted_tokens = sum(min(options.batch, options.samples - c * options.batch) for c in fitted_chunks(chunks))
-    fit_tokens = min(FIT_TOKENS, fitted_tokens * options.seqlen) if options.fit != "none" else 0
+    fit_tokens = min(FIT_TOKENS, tokens // 2, fitted_tokens * options.seqlen) if options.fit != "none" else 0
     expert_tokens = math.ceil(fit_tokens * top_k_after / k)  # one kept expert's, on average
     candidates = 3 if options.method == "auto" else 1
     non_expert = one_expert = intermediate = router = 0
@@ -293,7 +293,8 @@ def estimate(spec: ArchSpec, config, tensors: TensorTable, options: RunOptions, 
         "baseline": HOST_BASELINE_BYTES,
         "saving": one_expert * weights_dtype.itemsize * (k if spec.fused else 1),
         "hidden states": 2 * chunk * hidden * c,
-        "scored outputs": experts * math.ceil(chunk / max(1, chunk // SCORED_TOKENS)) * hidden * c,
+        "scored outputs": experts * math.ceil(chunk / max(1, chunk // SCORED_TOKENS)) * c
+        * (hidden + (intermediate if fit_tokens else 0)),
         "statistics": (experts * hidden + experts * experts) * FLOAT64_BYTES
         + chunks * SAMPLED_TOKENS_PER_CHUNK * hidden * FLOAT32_BYTES,
     }

@@ -243,7 +243,8 @@ class ExpertStream(nn.Module):
     fit (`streammerge.fit`) learns from, taken from the very computation the block does.
 
     `known` maps experts to their outputs already computed on this module's input rows, which are then used
-    instead of running the expert (scoring a pruned layer costs no expert computation). `max_rows` caps the
+    instead of running the expert (scoring a pruned layer costs no expert computation); `known_down_inputs` to
+    their down projections' inputs there, which the fit records instead. `max_rows` caps the
     tokens of one expert call, when the device cannot hold a whole chunk's activations.
     """
 
@@ -269,6 +270,8 @@ class ExpertStream(nn.Module):
         self.max_rows: int | None = None
         self.fit_calls: list[RoutedCall] | None = None
         self.down_inputs: list[torch.Tensor] = []
+        self.keep_down_inputs = False
+        self.known_down_inputs: dict[int, torch.Tensor] = {}
 
     def _fill(self, state: dict[str, torch.Tensor], expert: int, copy) -> None:
         covered = set()
@@ -359,8 +362,9 @@ class ExpertStream(nn.Module):
         return one.post_expert_norm(out) if getattr(one, "has_post_expert_norm", False) else out
 
     def _down(self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
-        """The down projection; its input is kept while `fit_calls` records (`RoutedCall`)."""
-        if self.fit_calls is not None:
+        """The down projection; its input is kept while `fit_calls` records (`RoutedCall`) or `sweep` is asked
+        for it."""
+        if self.fit_calls is not None or self.keep_down_inputs:
             self.down_inputs.append(h)
         out = h @ weight if transposed else F.linear(h, weight)
         return out if bias is None else out + bias
@@ -374,7 +378,9 @@ class ExpertStream(nn.Module):
     def record(self, expert: int, rows: torch.Tensor, gate: torch.Tensor | None) -> None:
         """After expert `expert` ran on `rows` of the block's input with router weights `gate`: what it was."""
         if self.fit_calls is not None:
-            self.fit_calls.append(RoutedCall(expert, rows, gate, torch.cat(self.down_inputs)))
+            known = self.known_down_inputs.get(expert)
+            inputs = torch.cat(self.down_inputs) if known is None else known[rows.cpu()].to(rows.device, non_blocking=True)
+            self.fit_calls.append(RoutedCall(expert, rows, gate, inputs))
             self.down_inputs.clear()
 
     def output(self, expert: int, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -386,8 +392,9 @@ class ExpertStream(nn.Module):
         return self.every_token(x)
 
     def sweep(self, tokens: RoutedTokens, observe) -> list[torch.Tensor]:
-        """Each expert loaded once and run on every chunk of `tokens`; `observe(expert, c, chunk, output)` sees
-        each output on every token of chunk number `c`. Returns each chunk's routed output, summed in expert order over the
+        """Each expert loaded once and run on every chunk of `tokens`; `observe(expert, c, chunk, output,
+        down_inputs)` sees each output on every token of chunk number `c`, and with `keep_down_inputs` its down
+        projection's inputs there. Returns each chunk's routed output, summed in expert order over the
         routed rows only (an unrouted token's output, inf in float16, is never multiplied by its 0 gate).
 
         Nothing here waits for the device: the index lists come with the chunks, and the next expert's upload
@@ -399,7 +406,8 @@ class ExpertStream(nn.Module):
             for c in range(len(tokens)):
                 chunk = tokens[c]
                 y = self.every_token(chunk.x)
-                observe(expert, c, chunk, y)
+                observe(expert, c, chunk, y, torch.cat(self.down_inputs) if self.keep_down_inputs else None)
+                self.down_inputs.clear()
                 rows, gate = chunk.rows[expert], chunk.gates[expert].unsqueeze(-1)
                 if self.spec.scaled_input_experts:  # llama4 scales the chosen tokens' inputs, not the outputs
                     routed = self.every_token(chunk.x[rows] * gate.to(chunk.x.dtype))

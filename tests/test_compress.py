@@ -85,7 +85,7 @@ def test_a_block_that_kept_every_expert_is_unchanged(tiny_models, family):
     changes = fit_down_projections([r for r in routed if r is not None], residual)
     for change, expert in zip(changes, [p for p, r in zip(parts, routed) if r is not None]):
         assert change.norm() / materialize(expert[down]).norm() < 1e-5
-    assert compress.fit(compress.layer_tensors(groups, parts), parts)[0] is None  # it cannot lower the error
+    assert compress.fit(compress.layer_tensors(groups, parts), parts, groups)[0] is None  # it cannot lower the error
 
 
 @pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])  # per-expert [H, I]; fused, biased [I, H]
@@ -99,7 +99,7 @@ def test_the_streamed_fit_equals_the_joint_solve(tiny_models, family, monkeypatc
     groups = [[e] for e in range(0, experts, 2)]
     parts = compress.expert_parts(groups)
     unfitted = compress.layer_tensors(groups, parts)
-    fitted, _, _ = compress.fit(unfitted, parts)
+    fitted, _, _ = compress.fit(unfitted, parts, groups)
 
     block = compress.block(unfitted)  # the joint system, from the compressed block's own routing
     block.experts.fit_calls = []
