@@ -11,7 +11,7 @@ import torch
 from .arch import ArchSpec
 from .checkpoint import Deferred, materialize, release_pages
 from .cluster import cluster_experts, prune_experts
-from .fit import Routed, fit_on_held_out
+from .fit import Changes, Routed, fit_on_held_out
 from .merge import member_weights, merge_tensors, router_rows, router_vector
 from .runner import LayerRunner, reduced_config
 from .statistics import ExpertStatistics
@@ -54,11 +54,21 @@ class Held:
 class Candidate:
     method: str
     groups: list[list[int]]
-    tensors: dict
+    tensors: dict  # unfitted until `best` applies the fit of the candidate it chose
     error: float  # relative MoE-block output error on the scored tokens, after the fit where it was kept
     unfitted_error: float
-    fitted: bool = False
-    unfitted: dict | None = None  # the tensors before the fit
+    fitted: tuple[list[dict], "Fitted"] | None = None  # the parts and their fit
+
+
+@dataclass
+class Fitted:
+    """A candidate's fit: which of its experts changed, their changes (formed when applied), the down
+    projection's layout."""
+
+    experts: list[int]
+    changes: Changes
+    transposed: bool
+    biased: bool
 
 
 class LayerCompression:
@@ -83,16 +93,18 @@ class LayerCompression:
         fitted) one at a time, keeping only the best so far. A fitted candidate's error is the fit's own, in the
         compute dtype; the chosen one's is then measured as written, in the weights' dtype, and its fit dropped
         if that is no better than no fit."""
-        best, errors = None, {}
+        best, errors, made = None, {}, {}
         for method, groups in self.candidates().items():
-            candidate = self.compress(method, groups)
+            key = str(groups)  # pruning by frequency and by REAP often keep the same experts
+            candidate = made[key] = replace(made[key], method=method) if key in made else self.compress(method, groups)
             errors[method] = candidate.error
             if best is None or candidate.error < best.error:
                 best = candidate
-        if best.fitted:
-            written = self.block_error(best.tensors, best.groups, known=False)
-            best = (replace(best, error=written) if written < best.unfitted_error else
-                    Candidate(best.method, best.groups, best.unfitted, best.unfitted_error, best.unfitted_error))
+        if best.fitted is not None:  # formed for the chosen candidate only
+            tensors = self.layer_tensors(best.groups, self.apply(*best.fitted))
+            written = self.block_error(tensors, best.groups, known=False)
+            best = (replace(best, tensors=tensors, error=written) if written < best.unfitted_error else
+                    replace(best, error=best.unfitted_error, fitted=None))
         return best, errors
 
     def candidates(self) -> dict[str, list[list[int]]]:
@@ -128,7 +140,7 @@ class LayerCompression:
         fitted, error, fitted_error = self.fit(tensors, parts, groups)
         if fitted is None:
             return Candidate(method, groups, tensors, error, error)
-        return Candidate(method, groups, self.layer_tensors(groups, fitted), fitted_error, error, True, tensors)
+        return Candidate(method, groups, tensors, fitted_error, error, fitted=(parts, fitted))
 
     def expert_parts(self, groups: list[list[int]]) -> list[dict]:
         """Each group's expert: a kept expert's mapped parts, or its members' merge, computed when used."""
@@ -166,15 +178,16 @@ class LayerCompression:
         return (out[0] if isinstance(out, tuple) else out).reshape(x.shape)
 
     @torch.no_grad()
-    def fit(self, tensors: dict, parts: list[dict], groups: list[list[int]]) -> tuple[list[dict] | None, float, float]:
-        """(`parts` with each routed expert's down projection (and its bias) re-solved so that the compressed
-        block reproduces the original block's output on the fitted rows (`streammerge.fit`), with the ridge that
-        does best on the scored tokens, or None when none does better there than no fit; the block error on the
+    def fit(self, tensors: dict, parts: list[dict], groups: list[list[int]]) -> tuple["Fitted | None", float, float]:
+        """(each routed expert's down projection (and its bias) re-solved so that the compressed block reproduces
+        the original block's output on the fitted rows (`streammerge.fit`), with the ridge that does best on the
+        scored tokens, to `apply`; or None when no ridge does better there than no fit; the block error on the
         scored tokens before the fit, and after it). Which tokens reach an expert, their router weights and the
         down projection's inputs are those of the compressed block's own forward; shared experts and everything
         else in the block stay as they are, so their outputs cancel."""
         block = self.block(tensors)
-        transposed, biased = block.experts.down_layout()
+        block_layout = block.experts.down_layout()
+        biased = block_layout[1]
         fitted_rows, fitted_residual = self.routed(block, self.held.fitted, biased)
         kept = {k: g[0] for k, g in enumerate(groups) if len(g) == 1} if self.held.down_inputs else {}
         block.experts.known = {k: self.held.outputs[e] for k, e in kept.items()}  # from the statistics pass
@@ -190,18 +203,23 @@ class LayerCompression:
         error = scored_residual.double().norm().item() / scale
         if changes is None:
             return None, error, error
+        return Fitted(reached, changes, *block_layout), error, norm / scale
+
+    def apply(self, parts: list[dict], fitted: "Fitted") -> list[dict]:
+        """`parts` with the fitted experts' down projections (and biases) changed."""
         down, bias = self.spec.down_parts()
-        fitted = [dict(p) for p in parts]
-        for k, change in zip(reached, changes):
+        out = [dict(p) for p in parts]
+        for k, change in zip(fitted.experts, fitted.changes.form()):
             change = change.to("cpu")
-            size = change.shape[1] - biased
-            weights = materialize(fitted[k][down])
-            fitted[k][down] = (weights.float() + (change[:, :size].T if transposed else change[:, :size])).to(weights.dtype)
+            size = change.shape[1] - fitted.biased
+            weights = materialize(out[k][down])
+            out[k][down] = (weights.float() + (change[:, :size].T if fitted.transposed else change[:, :size])
+                            ).to(weights.dtype)
             release_pages(weights)
-            if biased:
-                before = materialize(fitted[k][bias])
-                fitted[k][bias] = (before.float() + change[:, size].view(before.shape)).to(before.dtype)
-        return fitted, error, norm / scale
+            if fitted.biased:
+                before = materialize(out[k][bias])
+                out[k][bias] = (before.float() + change[:, size].view(before.shape)).to(before.dtype)
+        return out
 
     def routed(self, block, chunks: list[tuple[torch.Tensor, torch.Tensor]], biased: bool):
         """The block run on `chunks` of held (x, y): per expert (none where no token reaches it) its rows of the

@@ -78,12 +78,9 @@ class JointSystem:
         system.diagonal().add_(ridge * self.penalty)
         return torch.cholesky_solve(self.phi.T @ residual.double(), torch.linalg.cholesky(system))
 
-    def changes(self, solution: torch.Tensor) -> list[torch.Tensor]:
-        """Each expert's D_k [H, I_k], in its inputs' dtype."""
-        if self.token_space:
-            return [(e.inputs.T @ (solution[e.rows] / scale).to(e.inputs.dtype)).T  # the largest product: not float64
-                    for e, scale in zip(self.experts, self.scales)]
-        return [block.T.to(e.inputs.dtype) for e, block in zip(self.experts, solution.split(self.sizes))]
+    def changes(self, solution: torch.Tensor) -> "Changes":
+        """What forms the experts' changes from a solution, without the system."""
+        return Changes(self.experts, self.scales, self.sizes, self.token_space, solution)
 
     def fitted_output(self, residual: torch.Tensor, solution: torch.Tensor, ridge: float) -> torch.Tensor:
         """Phi w [N, H], the change of the block's output on the fitted rows (in token space r - rho beta)."""
@@ -106,6 +103,25 @@ class JointSystem:
         return out
 
 
+@dataclass
+class Changes:
+    """A solution and what it takes to form each expert's change from it: kept while the fit's candidate may be
+    chosen, formed (`form`) once it is."""
+
+    experts: list[Routed]
+    scales: list[torch.Tensor]
+    sizes: list[int]
+    token_space: bool
+    solution: torch.Tensor
+
+    def form(self) -> list[torch.Tensor]:
+        """Each expert's D_k [H, I_k], in its inputs' dtype."""
+        if self.token_space:  # D_k^T = A_k^T beta_k / m_k, the largest product: not in float64
+            return [(e.inputs.T @ (self.solution[e.rows] / scale).to(e.inputs.dtype)).T
+                    for e, scale in zip(self.experts, self.scales)]
+        return [block.T.to(e.inputs.dtype) for e, block in zip(self.experts, self.solution.split(self.sizes))]
+
+
 def fit_down_projections(experts: list[Routed], residual: torch.Tensor, ridge: float = RIDGE) -> list[torch.Tensor]:
     """Each expert's change of down projection D_k [H, I] (its weights become W_k0 + D_k; with a bias, its
     last column is the bias's change), from `residual` [N, H] = y - (the block's output with the W_k0).
@@ -113,16 +129,15 @@ def fit_down_projections(experts: list[Routed], residual: torch.Tensor, ridge: f
     system = JointSystem(experts, residual.shape[0])
     solution = system.solve(residual, ridge)
     residual -= system.fitted_output(residual, solution, ridge).to(residual.dtype)
-    return system.changes(solution)
+    return system.changes(solution).form()
 
 
 def fit_on_held_out(experts: list[Routed], residual: torch.Tensor, held_out: list[Routed],
-                    held_residual: torch.Tensor, ridges: tuple[float, ...] = RIDGES
-                    ) -> tuple[list[torch.Tensor] | None, float]:
-    """The changes (as `fit_down_projections`) with the ridge of `ridges` that leaves the least residual on the
-    held-out tokens, and that residual's norm; None and the unchanged norm when no ridge lowers it. `held_out[k]`
-    holds expert k's rows and down-projection inputs (gated, as `experts[k]`) on those tokens, `held_residual`
-    [M, H] their y - (the block's output with the W_k0)."""
+                    held_residual: torch.Tensor, ridges: tuple[float, ...] = RIDGES) -> tuple[Changes | None, float]:
+    """The changes (as `fit_down_projections`, to be formed) with the ridge of `ridges` that leaves the least
+    residual on the held-out tokens, and that residual's norm; None and the unchanged norm when no ridge lowers
+    it. `held_out[k]` holds expert k's rows and down-projection inputs (gated, as `experts[k]`) on those tokens,
+    `held_residual` [M, H] their y - (the block's output with the W_k0)."""
     system = JointSystem(experts, residual.shape[0])
     best, best_norm = None, held_residual.norm().item()
     for ridge in ridges:

@@ -189,7 +189,7 @@ class Run:
                 "tokens": stats.tokens,
             })
             if self.options.fit != "none":
-                record.update({"unfitted_error": round(best.unfitted_error, 6), "fitted": best.fitted})
+                record.update({"unfitted_error": round(best.unfitted_error, 6), "fitted": best.fitted is not None})
             self.log_result(record)
             if self.options.propagate == "merged":  # the next layer's inputs come from the written layer
                 record.update(self.stage(path, tensors))
