@@ -95,8 +95,11 @@ class LayerCompression:
         if that is no better than no fit."""
         best, errors, made = None, {}, {}
         for method, groups in self.candidates().items():
-            key = str(groups)  # pruning by frequency and by REAP often keep the same experts
-            candidate = made[key] = replace(made[key], method=method) if key in made else self.compress(method, groups)
+            if str(groups) in made:  # pruning by frequency and by REAP often keep the same experts
+                errors[method] = errors[made[str(groups)]]
+                continue
+            made[str(groups)] = method
+            candidate = self.compress(method, groups)
             errors[method] = candidate.error
             if best is None or candidate.error < best.error:
                 best = candidate
@@ -209,13 +212,14 @@ class LayerCompression:
         """`parts` with the fitted experts' down projections (and biases) changed."""
         down, bias = self.spec.down_parts()
         out = [dict(p) for p in parts]
-        for k, change in zip(fitted.experts, fitted.changes.form()):
-            change = change.to("cpu")
+        for i, k in enumerate(fitted.experts):
+            change = fitted.changes.form(i).to("cpu")
             size = change.shape[1] - fitted.biased
             weights = materialize(out[k][down])
-            out[k][down] = (weights.float() + (change[:, :size].T if fitted.transposed else change[:, :size])
-                            ).to(weights.dtype)
+            summed = weights.to(torch.float32, copy=True).add_(change[:, :size].T if fitted.transposed else change[:, :size])
+            out[k][down] = summed.to(weights.dtype)
             release_pages(weights)
+            del summed
             if fitted.biased:
                 before = materialize(out[k][bias])
                 out[k][bias] = (before.float() + change[:, size].view(before.shape)).to(before.dtype)

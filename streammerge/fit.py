@@ -114,12 +114,12 @@ class Changes:
     token_space: bool
     solution: torch.Tensor
 
-    def form(self) -> list[torch.Tensor]:
-        """Each expert's D_k [H, I_k], in its inputs' dtype."""
+    def form(self, k: int) -> torch.Tensor:
+        """Expert k's D_k [H, I_k], in its inputs' dtype: one at a time, each as large as a down projection."""
+        e = self.experts[k]
         if self.token_space:  # D_k^T = A_k^T beta_k / m_k, the largest product: not in float64
-            return [(e.inputs.T @ (self.solution[e.rows] / scale).to(e.inputs.dtype)).T
-                    for e, scale in zip(self.experts, self.scales)]
-        return [block.T.to(e.inputs.dtype) for e, block in zip(self.experts, self.solution.split(self.sizes))]
+            return (e.inputs.T @ (self.solution[e.rows] / self.scales[k]).to(e.inputs.dtype)).T
+        return self.solution.split(self.sizes)[k].T.to(e.inputs.dtype)
 
 
 def fit_down_projections(experts: list[Routed], residual: torch.Tensor, ridge: float = RIDGE) -> list[torch.Tensor]:
@@ -129,7 +129,8 @@ def fit_down_projections(experts: list[Routed], residual: torch.Tensor, ridge: f
     system = JointSystem(experts, residual.shape[0])
     solution = system.solve(residual, ridge)
     residual -= system.fitted_output(residual, solution, ridge).to(residual.dtype)
-    return system.changes(solution).form()
+    changes = system.changes(solution)
+    return [changes.form(k) for k in range(len(experts))]
 
 
 def fit_on_held_out(experts: list[Routed], residual: torch.Tensor, held_out: list[Routed],

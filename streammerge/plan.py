@@ -53,8 +53,9 @@ Host peak (RSS):
                       running experts again; with the fit also their down-projection inputs, E·rows·I·c
   statistics          E×H float64 output sums, the E×E token distances, and the S sampled MoE inputs of every
                       chunk in float32 (for router fitting)
-  fit                 --fit lsq: the MoE block's inputs and outputs on the F fitted tokens, 2·F·H·c, and the fitted
-                      down projections of the best candidate so far and the current one, 2·K·I·H·w
+  fit                 --fit lsq: the MoE block's inputs and outputs on the F fitted tokens, 2·F·H·c, the chosen
+                      candidate's K fitted down projections, K·I·H·w, and while one is made, its float32 copy and
+                      change, 2·I·H·4
   on CPU also every device term but the CUDA context: there the device is the host.
 Disk: the output checkpoint, plus three layers' sets of hidden states, T·H·c each (the input set of layer l is
 removed when l is committed, which happens in the background while layer l+1 writes the set for l+2), plus
@@ -298,8 +299,10 @@ def estimate(spec: ArchSpec, config, tensors: TensorTable, options: RunOptions, 
         "statistics": (experts * hidden + experts * experts) * FLOAT64_BYTES
         + chunks * SAMPLED_TOKENS_PER_CHUNK * hidden * FLOAT32_BYTES,
     }
-    if fit_tokens:  # the fitted rows' block inputs and outputs; the best and the current candidate's projections
-        host_memory["fit"] = 2 * fit_tokens * hidden * c + 2 * k * intermediate * hidden * weights_dtype.itemsize
+    if fit_tokens:  # the fitted rows' block inputs and outputs; the chosen candidate's fitted projections, and
+        # while one is made, its float32 copy and change
+        host_memory["fit"] = (2 * fit_tokens * hidden * c + k * intermediate * hidden * weights_dtype.itemsize
+                              + 2 * intermediate * hidden * FLOAT32_BYTES)
     reading = one_expert * weights_dtype.itemsize
     if device == "cpu":
         device_memory["working set"] = max(device_memory["working set"], reading)

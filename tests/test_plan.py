@@ -2,6 +2,8 @@
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -220,3 +222,9 @@ def test_the_output_fit_is_counted(tmp_path):
     assert fitted.device_peak <= 8 * GB
     assert fitted.host_memory["fit"] > 0 and "fit" not in plain.host_memory
     assert fitted.largest_layer.flops > plain.largest_layer.flops
+
+
+def test_plan_does_not_import_the_pipeline():
+    """pipeline -> plan, evaluate -> device: no import circle between the run, its plan and eval."""
+    code = "import sys, streammerge.plan, streammerge.evaluate; print('streammerge.pipeline' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
