@@ -50,7 +50,8 @@ class JointSystem:
 
     def __init__(self, experts: list[Routed], tokens: int):
         self.experts = experts
-        self.scales = [e.inputs.square().sum().double() / e.inputs.shape[1] for e in experts]  # mean Gram diagonals
+        self.scales = [(e.inputs.square().sum().double() / e.inputs.shape[1]).clamp(min=torch.finfo(torch.float32).tiny)
+                       for e in experts]  # mean Gram diagonals; an expert whose inputs are all 0 keeps its weights
         self.sizes = [e.inputs.shape[1] for e in experts]
         self.token_space = tokens < sum(self.sizes)
         self.cross = None
@@ -68,15 +69,16 @@ class JointSystem:
             self.matrix = self.phi.T @ self.phi
             self.penalty = torch.cat([scale.expand(size) for scale, size in zip(self.scales, self.sizes)])
 
-    def solve(self, residual: torch.Tensor, ridge: float) -> torch.Tensor:
+    def solve(self, residual: torch.Tensor, ridge: float) -> torch.Tensor | None:
         """The solution for rho = `ridge`: beta [N, H] with (sum_k S_k A_k A_k^T S_k^T / m_k + rho) beta = r
-        (then D_k^T = A_k^T beta_k / m_k), or w [sum I, H]."""
+        (then D_k^T = A_k^T beta_k / m_k), or w [sum I, H]; None when the system cannot be factored (inputs
+        that are not finite)."""
         system = self.matrix.clone()
-        if self.token_space:
-            system.diagonal().add_(ridge)
-            return torch.cholesky_solve(residual.double(), torch.linalg.cholesky(system))
-        system.diagonal().add_(ridge * self.penalty)
-        return torch.cholesky_solve(self.phi.T @ residual.double(), torch.linalg.cholesky(system))
+        system.diagonal().add_(ridge if self.token_space else ridge * self.penalty)
+        factor, info = torch.linalg.cholesky_ex(system)
+        if info.item():
+            return None
+        return torch.cholesky_solve(residual.double() if self.token_space else self.phi.T @ residual.double(), factor)
 
     def changes(self, solution: torch.Tensor) -> "Changes":
         """What forms the experts' changes from a solution, without the system."""
@@ -143,6 +145,8 @@ def fit_on_held_out(experts: list[Routed], residual: torch.Tensor, held_out: lis
     best, best_norm = None, held_residual.norm().item()
     for ridge in ridges:
         solution = system.solve(residual, ridge)
+        if solution is None:
+            continue
         norm = (held_residual.double() - system.predict(held_out, solution, len(held_residual))).norm().item()
         if norm < best_norm:
             best, best_norm = solution, norm

@@ -87,5 +87,5 @@ def test_an_unrouted_token_infinity_stays_out_of_the_routed_sum(tiny_models, mon
         return torch.where((index == expert).any(-1, keepdim=True), 1.0, torch.inf).to(x.dtype).expand_as(x)
 
     monkeypatch.setattr(ExpertStream, "every_token", every_token)
-    combined = stream.sweep(tokens, lambda expert, c, chunk, y: None)
+    combined = stream.sweep(tokens, lambda expert, c, chunk, y, down_inputs: None)
     assert torch.equal(combined[0], torch.ones(12, model.config.hidden_size, dtype=torch.float16))
