@@ -192,17 +192,17 @@ class LayerCompression:
         block_layout = block.experts.down_layout()
         biased = block_layout[1]
         fitted_rows, fitted_residual = self.routed(block, self.held.fitted, biased)
-        kept = {k: g[0] for k, g in enumerate(groups) if len(g) == 1} if self.held.down_inputs else {}
-        block.experts.known = {k: self.held.outputs[e] for k, e in kept.items()}  # from the statistics pass
-        block.experts.known_down_inputs = {k: self.held.down_inputs[e] for k, e in kept.items()}
+        if self.held.down_inputs:  # the kept experts' outputs and inputs on the scored tokens: from the statistics
+            kept = _kept(groups)
+            block.experts.known = {k: self.held.outputs[e] for k, e in kept.items()}
+            block.experts.known_down_inputs = {k: self.held.down_inputs[e] for k, e in kept.items()}
         scored_rows, scored_residual = self.routed(block, [(self.held.x, self.held.y)], biased)
         del block
         scale = self.held.y.double().norm().item()
         reached = [k for k in range(len(parts)) if fitted_rows[k]]  # an expert no fitted token reaches stays
-        nowhere = [Routed(torch.zeros(0, dtype=torch.long, device=r.rows.device), r.inputs[:0])
-                   for r in (fitted_rows[k] for k in reached)]  # for experts no scored token reaches
-        changes, norm = fit_on_held_out([fitted_rows[k] for k in reached], fitted_residual,
-                                        [scored_rows[k] or n for k, n in zip(reached, nowhere)], scored_residual)
+        fitted = [fitted_rows[k] for k in reached]
+        scored = [scored_rows[k] or Routed(f.rows[:0], f.inputs[:0]) for k, f in zip(reached, fitted)]
+        changes, norm = fit_on_held_out(fitted, fitted_residual, scored, scored_residual)
         error = scored_residual.double().norm().item() / scale
         if changes is None:
             return None, error, error
@@ -257,9 +257,14 @@ class LayerCompression:
         held = self.held
         block = self.block(tensors)
         if known:
-            block.experts.known = {k: held.outputs[g[0]] for k, g in enumerate(groups) if len(g) == 1}
+            block.experts.known = {k: held.outputs[e] for k, e in _kept(groups).items()}
         got = self.forward(block, held.x).to("cpu")
         return ((got - held.y).double().norm() / held.y.double().norm()).item()
+
+
+def _kept(groups: list[list[int]]) -> dict[int, int]:
+    """The compressed experts that are original ones, unmerged: new index -> original index."""
+    return {k: g[0] for k, g in enumerate(groups) if len(g) == 1}
 
 
 MERGE_SLAB = 1 << 24  # elements of each member whose mapped pages are resident at once while merging

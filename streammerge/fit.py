@@ -54,7 +54,6 @@ class JointSystem:
                        for e in experts]  # mean Gram diagonals; an expert whose inputs are all 0 keeps its weights
         self.sizes = [e.inputs.shape[1] for e in experts]
         self.token_space = tokens < sum(self.sizes)
-        self.cross = None
         device = experts[0].inputs.device
         if self.token_space:  # sum_k S_k A_k A_k^T S_k^T / m_k: the Grams, scattered to the rows they share
             self.matrix = torch.zeros(tokens, tokens, dtype=torch.float64, device=device)
@@ -90,19 +89,12 @@ class JointSystem:
             return residual.double() - ridge * solution
         return self.phi @ solution
 
-    def predict(self, held_out: list[Routed], solution: torch.Tensor, rows: int) -> torch.Tensor:
-        """The change of output [rows, H] on held-out tokens, `held_out[k]` expert k's rows and inputs there."""
-        out = torch.zeros(rows, solution.shape[1], dtype=torch.float64, device=solution.device)
+    def kernels(self, held_out: list[Routed]) -> list[torch.Tensor]:
+        """What maps each expert's block of a solution to its change of output on held-out tokens (`held_out[k]`
+        expert k's rows and inputs B_k there), the same for every ridge: B_k A_k^T / m_k, or B_k."""
         if self.token_space:
-            if self.cross is None or self.cross[0] is not held_out:  # B_k A_k^T / m_k, the same for every ridge
-                self.cross = held_out, [(h.inputs @ e.inputs.T).double() / scale  # [M_k, T_k]
-                                        for e, h, scale in zip(self.experts, held_out, self.scales)]
-            for e, h, cross in zip(self.experts, held_out, self.cross[1]):
-                out.index_add_(0, h.rows, cross @ solution[e.rows])
-        else:
-            for h, block in zip(held_out, solution.split(self.sizes)):
-                out.index_add_(0, h.rows, h.inputs.double() @ block)
-        return out
+            return [(h.inputs @ e.inputs.T).double() / scale for e, h, scale in zip(self.experts, held_out, self.scales)]
+        return [h.inputs.double() for h in held_out]
 
 
 @dataclass
@@ -116,12 +108,23 @@ class Changes:
     token_space: bool
     solution: torch.Tensor
 
+    def block(self, k: int) -> torch.Tensor:
+        """Expert k's part of the solution: beta at its rows, or its rows of w."""
+        return self.solution[self.experts[k].rows] if self.token_space else self.solution.split(self.sizes)[k]
+
     def form(self, k: int) -> torch.Tensor:
         """Expert k's D_k [H, I_k], in its inputs' dtype: one at a time, each as large as a down projection."""
         e = self.experts[k]
         if self.token_space:  # D_k^T = A_k^T beta_k / m_k, the largest product: not in float64
-            return (e.inputs.T @ (self.solution[e.rows] / self.scales[k]).to(e.inputs.dtype)).T
-        return self.solution.split(self.sizes)[k].T.to(e.inputs.dtype)
+            return (e.inputs.T @ (self.block(k) / self.scales[k]).to(e.inputs.dtype)).T
+        return self.block(k).T.to(e.inputs.dtype)
+
+    def predict(self, held_out: list[Routed], kernels: list[torch.Tensor], rows: int) -> torch.Tensor:
+        """The change of output [rows, H] on held-out tokens (`JointSystem.kernels`)."""
+        out = torch.zeros(rows, self.solution.shape[1], dtype=torch.float64, device=self.solution.device)
+        for k, (h, kernel) in enumerate(zip(held_out, kernels)):
+            out.index_add_(0, h.rows, kernel @ self.block(k))
+        return out
 
 
 def fit_down_projections(experts: list[Routed], residual: torch.Tensor, ridge: float = RIDGE) -> list[torch.Tensor]:
@@ -142,12 +145,14 @@ def fit_on_held_out(experts: list[Routed], residual: torch.Tensor, held_out: lis
     it. `held_out[k]` holds expert k's rows and down-projection inputs (gated, as `experts[k]`) on those tokens,
     `held_residual` [M, H] their y - (the block's output with the W_k0)."""
     system = JointSystem(experts, residual.shape[0])
+    kernels = system.kernels(held_out)
     best, best_norm = None, held_residual.norm().item()
     for ridge in ridges:
         solution = system.solve(residual, ridge)
         if solution is None:
             continue
-        norm = (held_residual.double() - system.predict(held_out, solution, len(held_residual))).norm().item()
+        changes = system.changes(solution)
+        norm = (held_residual.double() - changes.predict(held_out, kernels, len(held_residual))).norm().item()
         if norm < best_norm:
-            best, best_norm = solution, norm
-    return (None if best is None else system.changes(best)), best_norm
+            best, best_norm = changes, norm
+    return best, best_norm

@@ -352,7 +352,7 @@ class ExpertStream(nn.Module):
         if self.spec.scaled_input_experts:  # Llama4TextExperts: gate-up [H, 2I], gate first; down [I, H]
             gate, up = (x @ one.gate_up_proj[0]).chunk(2, dim=-1)
             return self._down(up * one.act_fn(gate), one.down_proj[0], None, transposed=True)
-        transposed, biased = getattr(one, "is_transposed", False), getattr(one, "has_bias", False)
+        transposed, biased = self.down_layout()
         up = "gate_up_proj" if one.has_gate else "up_proj"
         weight = getattr(one, up)[0]
         h = x @ weight if transposed else F.linear(x, weight)
