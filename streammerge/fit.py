@@ -68,16 +68,20 @@ class JointSystem:
             self.matrix = self.phi.T @ self.phi
             self.penalty = torch.cat([scale.expand(size) for scale, size in zip(self.scales, self.sizes)])
 
-    def solve(self, residual: torch.Tensor, ridge: float) -> torch.Tensor | None:
-        """The solution for rho = `ridge`: beta [N, H] with (sum_k S_k A_k A_k^T S_k^T / m_k + rho) beta = r
-        (then D_k^T = A_k^T beta_k / m_k), or w [sum I, H]; None when the system cannot be factored (inputs
-        that are not finite)."""
+    def right_side(self, residual: torch.Tensor) -> torch.Tensor:
+        """What `solve` takes for the residual r [N, H]: r itself, or Phi^T r."""
+        return residual.double() if self.token_space else self.phi.T @ residual.double()
+
+    def solve(self, right_side: torch.Tensor, ridge: float) -> torch.Tensor | None:
+        """(sum_k S_k A_k A_k^T S_k^T / m_k + rho)^-1, or (Phi^T Phi + rho Lam)^-1, applied to `right_side`: for
+        `right_side(r)` the solution beta [N, H] (then D_k^T = A_k^T beta_k / m_k) or w [sum I, H]. None when
+        the system cannot be factored (inputs that are not finite)."""
         system = self.matrix.clone()
         system.diagonal().add_(ridge if self.token_space else ridge * self.penalty)
         factor, info = torch.linalg.cholesky_ex(system)
         if info.item():
             return None
-        return torch.cholesky_solve(residual.double() if self.token_space else self.phi.T @ residual.double(), factor)
+        return torch.cholesky_solve(right_side, factor)
 
     def changes(self, solution: torch.Tensor) -> "Changes":
         """What forms the experts' changes from a solution, without the system."""
@@ -89,12 +93,19 @@ class JointSystem:
             return residual.double() - ridge * solution
         return self.phi @ solution
 
-    def kernels(self, held_out: list[Routed]) -> list[torch.Tensor]:
-        """What maps each expert's block of a solution to its change of output on held-out tokens (`held_out[k]`
-        expert k's rows and inputs B_k there), the same for every ridge: B_k A_k^T / m_k, or B_k."""
-        if self.token_space:
-            return [(h.inputs @ e.inputs.T).double() / scale for e, h, scale in zip(self.experts, held_out, self.scales)]
-        return [h.inputs.double() for h in held_out]
+    def held_out(self, held_out: list[Routed], rows: int) -> torch.Tensor:
+        """The matrix [rows, side] that maps a solution to the change of output on held-out tokens
+        (`held_out[k]` expert k's rows and inputs B_k there), the same for every ridge: B_k A_k^T / m_k at
+        expert k's rows of the solution, or B_k at its block."""
+        operator = torch.zeros(rows, self.matrix.shape[0], dtype=torch.float64, device=self.matrix.device)
+        start = 0
+        for e, h, scale, size in zip(self.experts, held_out, self.scales, self.sizes):
+            if self.token_space:
+                operator[h.rows[:, None], e.rows[None, :]] += (h.inputs @ e.inputs.T).double() / scale
+            else:
+                operator[h.rows, start:start + size] = h.inputs.double()
+                start += size
+        return operator
 
 
 @dataclass
@@ -108,23 +119,12 @@ class Changes:
     token_space: bool
     solution: torch.Tensor
 
-    def block(self, k: int) -> torch.Tensor:
-        """Expert k's part of the solution: beta at its rows, or its rows of w."""
-        return self.solution[self.experts[k].rows] if self.token_space else self.solution.split(self.sizes)[k]
-
     def form(self, k: int) -> torch.Tensor:
         """Expert k's D_k [H, I_k], in its inputs' dtype: one at a time, each as large as a down projection."""
         e = self.experts[k]
         if self.token_space:  # D_k^T = A_k^T beta_k / m_k, the largest product: not in float64
-            return (e.inputs.T @ (self.block(k) / self.scales[k]).to(e.inputs.dtype)).T
-        return self.block(k).T.to(e.inputs.dtype)
-
-    def predict(self, held_out: list[Routed], kernels: list[torch.Tensor], rows: int) -> torch.Tensor:
-        """The change of output [rows, H] on held-out tokens (`JointSystem.kernels`)."""
-        out = torch.zeros(rows, self.solution.shape[1], dtype=torch.float64, device=self.solution.device)
-        for k, (h, kernel) in enumerate(zip(held_out, kernels)):
-            out.index_add_(0, h.rows, kernel @ self.block(k))
-        return out
+            return (e.inputs.T @ (self.solution[e.rows] / self.scales[k]).to(e.inputs.dtype)).T
+        return self.solution.split(self.sizes)[k].T.to(e.inputs.dtype)
 
 
 def fit_down_projections(experts: list[Routed], residual: torch.Tensor, ridge: float = RIDGE) -> list[torch.Tensor]:
@@ -132,7 +132,7 @@ def fit_down_projections(experts: list[Routed], residual: torch.Tensor, ridge: f
     last column is the bias's change), from `residual` [N, H] = y - (the block's output with the W_k0).
     `residual` is updated in place to the fitted block's residual."""
     system = JointSystem(experts, residual.shape[0])
-    solution = system.solve(residual, ridge)
+    solution = system.solve(system.right_side(residual), ridge)
     residual -= system.fitted_output(residual, solution, ridge).to(residual.dtype)
     changes = system.changes(solution)
     return [changes.form(k) for k in range(len(experts))]
@@ -143,16 +143,28 @@ def fit_on_held_out(experts: list[Routed], residual: torch.Tensor, held_out: lis
     """The changes (as `fit_down_projections`, to be formed) with the ridge of `ridges` that leaves the least
     residual on the held-out tokens, and that residual's norm; None and the unchanged norm when no ridge lowers
     it. `held_out[k]` holds expert k's rows and down-projection inputs (gated, as `experts[k]`) on those tokens,
-    `held_residual` [M, H] their y - (the block's output with the W_k0)."""
+    `held_residual` [M, H] their y - (the block's output with the W_k0).
+
+    Each ridge's held-out change is L S^-1 R (`JointSystem.held_out` L [M, side], the system S, R its right
+    side [side, H]), solved with whichever of L^T and R has fewer columns: the M held-out tokens are fewer than
+    the H outputs in every real model, so only the chosen ridge's solution is solved for in full."""
     system = JointSystem(experts, residual.shape[0])
-    kernels = system.kernels(held_out)
-    best, best_norm = None, held_residual.norm().item()
+    right_side = system.right_side(residual)
+    operator = system.held_out(held_out, len(held_residual))
+    target = held_residual.double()
+    chosen, best_norm = None, target.norm().item()
     for ridge in ridges:
-        solution = system.solve(residual, ridge)
-        if solution is None:
+        if len(operator) < right_side.shape[1]:
+            mapped = system.solve(operator.T, ridge)
+            change = None if mapped is None else mapped.T @ right_side
+        else:
+            solution = system.solve(right_side, ridge)
+            change = None if solution is None else operator @ solution
+        if change is None:
             continue
-        changes = system.changes(solution)
-        norm = (held_residual.double() - changes.predict(held_out, kernels, len(held_residual))).norm().item()
+        norm = (target - change).norm().item()
         if norm < best_norm:
-            best, best_norm = changes, norm
-    return best, best_norm
+            chosen, best_norm = ridge, norm
+    if chosen is None:
+        return None, best_norm
+    return system.changes(system.solve(right_side, chosen)), best_norm

@@ -77,3 +77,23 @@ def test_the_ridge_is_chosen_on_held_out_tokens():
     changes, norm = fit_on_held_out(fitted, target[:150].clone(), held, target[150:])
     assert changes is not None and norm == min(alone.values()) < 0.85 * alone[max(RIDGES)]
     assert fit_on_held_out(fitted, target[:150].clone(), held, torch.zeros(450, 16, dtype=torch.float64)) == (None, 0.0)
+
+
+@pytest.mark.parametrize("inputs", [24, 80])  # input space, token space
+@pytest.mark.parametrize("held_rows", [8, 450])  # fewer held-out tokens than outputs (16), and more
+def test_the_held_out_error_is_that_of_the_formed_changes(inputs, held_rows):
+    """However a ridge's held-out change is evaluated, it is that of the changes the ridge forms."""
+    routed, g = routed_block(tokens=150 + held_rows, inputs=inputs)
+    fitted = [Routed(e.rows[e.rows < 150], e.inputs[e.rows < 150]) for e in routed]
+    held = [Routed(e.rows[e.rows >= 150] - 150, e.inputs[e.rows >= 150]) for e in routed]
+    target = torch.randn(150 + held_rows, 16, generator=g, dtype=torch.float64)
+    for ridge in RIDGES:
+        changes = fit_down_projections(fitted, target[:150].clone(), ridge)
+        want = (target[150:] - predict(held, changes, held_rows, 16)).norm().item()
+        got, norm = fit_on_held_out(fitted, target[:150].clone(), held, target[150:], ridges=(ridge,))
+        if got is None:
+            assert want >= norm == target[150:].norm().item()
+        else:
+            assert norm == pytest.approx(want, rel=1e-9)
+            for k, change in enumerate(changes):
+                assert torch.allclose(got.form(k), change, atol=1e-9)
