@@ -3,7 +3,7 @@ come in (mapped), the chosen compressed tensors go out; transformers' layers run
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
@@ -13,7 +13,7 @@ from .checkpoint import Deferred, materialize, release_pages
 from .cluster import cluster_experts, prune_experts
 from .fit import Changes, Routed, fit_on_held_out
 from .merge import member_weights, merge_tensors, router_rows, router_vector
-from .runner import LayerRunner, reduced_config
+from .runner import KnownRows, LayerRunner, reduced_config
 from .statistics import ExpertStatistics
 
 SCORED_TOKENS = 512  # of the last chunk, on which compressed MoE blocks are scored
@@ -38,16 +38,23 @@ def fitted_chunks(chunks: int) -> range:
 
 
 @dataclass
-class Held:
-    """What a layer's candidates are fitted and scored on, on the host: the scored tokens' MoE block inputs x,
-    outputs y and every original expert's outputs there (and with the fit, their down-projection inputs); and
-    (x, y) on the rows of each fitted chunk."""
+class HeldTokens:
+    """MoE block inputs x [N, H] and the original block's outputs y [N, H] on the host, with what the statistics
+    pass computed there: by original expert, its outputs (and with the fit its down-projection inputs) on the
+    rows it ran on (`KnownRows`)."""
 
     x: torch.Tensor
     y: torch.Tensor
-    outputs: list[torch.Tensor]
-    fitted: list[tuple[torch.Tensor, torch.Tensor]]
-    down_inputs: list[torch.Tensor] = field(default_factory=list)
+    known: dict[int, KnownRows]
+
+
+@dataclass
+class Held:
+    """What a layer's candidates are scored on (every expert known on every row) and, with the fit, fitted on
+    (each expert known on the rows the model routes to it)."""
+
+    scored: HeldTokens
+    fitted: HeldTokens | None
 
 
 @dataclass
@@ -190,18 +197,14 @@ class LayerCompression:
         else in the block stay as they are, so their outputs cancel."""
         block = self.block(tensors)
         block_layout = block.experts.down_layout()
-        biased = block_layout[1]
-        fitted_rows, fitted_residual = self.routed(block, self.held.fitted, biased)
-        if self.held.down_inputs:  # the kept experts' outputs and inputs on the scored tokens: from the statistics
-            kept = _kept(groups)
-            block.experts.known = {k: self.held.outputs[e] for k, e in kept.items()}
-            block.experts.known_down_inputs = {k: self.held.down_inputs[e] for k, e in kept.items()}
-        scored_rows, scored_residual = self.routed(block, [(self.held.x, self.held.y)], biased)
+        kept = _kept(groups)
+        fitted_experts, fitted_residual = self.routed(block, self.held.fitted, kept, block_layout[1])
+        scored_experts, scored_residual = self.routed(block, self.held.scored, kept, block_layout[1])
         del block
-        scale = self.held.y.double().norm().item()
-        reached = [k for k in range(len(parts)) if fitted_rows[k]]  # an expert no fitted token reaches stays
-        fitted = [fitted_rows[k] for k in reached]
-        scored = [scored_rows[k] or Routed(f.rows[:0], f.inputs[:0]) for k, f in zip(reached, fitted)]
+        scale = self.held.scored.y.double().norm().item()
+        reached = [k for k in range(len(parts)) if fitted_experts[k]]  # an expert no fitted token reaches stays
+        fitted = [fitted_experts[k] for k in reached]
+        scored = [scored_experts[k] or Routed(f.rows[:0], f.inputs[:0]) for k, f in zip(reached, fitted)]
         changes, norm = fit_on_held_out(fitted, fitted_residual, scored, scored_residual)
         error = scored_residual.double().norm().item() / scale
         if changes is None:
@@ -225,39 +228,35 @@ class LayerCompression:
                 out[k][bias] = (before.float() + change[:, size].view(before.shape)).to(before.dtype)
         return out
 
-    def routed(self, block, chunks: list[tuple[torch.Tensor, torch.Tensor]], biased: bool):
-        """The block run on `chunks` of held (x, y): per expert (none where no token reaches it) its rows of the
-        chunks stacked and its gated down-projection inputs, with a constant input for the bias; and the
-        residual y - the block's output, in float32 on the device."""
+    def routed(self, block, tokens: HeldTokens, kept: dict[int, int], biased: bool):
+        """The block run on held `tokens`, the kept experts' known rows taken from there: per expert (none
+        where no token reaches it) its rows and its gated down-projection inputs, with a constant input for the
+        bias; and the residual y - the block's output, in float32 on the device."""
         stream = block.experts
-        rows, inputs, residuals = [[] for _ in stream.experts], [[] for _ in stream.experts], []
-        offset = 0
-        for x, y in chunks:
-            stream.fit_calls = []
-            got = self.forward(block, x)
-            residuals.append(y.to(got.device).float() - got.float())
-            for call in stream.fit_calls:
-                a = call.inputs.float()
-                if biased:  # the bias is a weight on a constant input
-                    a = torch.cat([a, torch.ones_like(a[:, :1])], dim=1)
-                if call.gate is not None:
-                    a = a * call.gate.float()
-                rows[call.expert].append(call.rows + offset)
-                inputs[call.expert].append(a)
-            offset += x.shape[0]
-        stream.fit_calls = None
-        routed = [Routed(torch.cat(r), torch.cat(a)) if r else None for r, a in zip(rows, inputs)]
-        return routed, torch.cat(residuals)
+        stream.known = {k: tokens.known[e] for k, e in kept.items() if e in tokens.known}
+        stream.fit_calls = []
+        got = self.forward(block, tokens.x)
+        residual = tokens.y.to(got.device).float() - got.float()
+        routed = [None] * len(stream.experts)
+        for call in stream.fit_calls:
+            a = call.inputs.float()
+            if biased:  # the bias is a weight on a constant input
+                a = torch.cat([a, torch.ones_like(a[:, :1])], dim=1)
+            if call.gate is not None:
+                a = a * call.gate.float()
+            routed[call.expert] = Routed(call.rows, a)
+        stream.fit_calls, stream.known = None, {}
+        return routed, residual
 
     @torch.no_grad()
     def block_error(self, tensors: dict, groups: list[list[int]], known: bool) -> float:
         """Relative error ||y' - y|| / ||y|| of the compressed MoE block's output on the scored tokens. With
         `known`, a kept original expert's outputs there are taken from the statistics pass, so only merged
         experts run."""
-        held = self.held
+        held = self.held.scored
         block = self.block(tensors)
         if known:
-            block.experts.known = {k: held.outputs[e] for k, e in _kept(groups).items()}
+            block.experts.known = {k: held.known[e] for k, e in _kept(groups).items()}
         got = self.forward(block, held.x).to("cpu")
         return ((got - held.y).double().norm() / held.y.double().norm()).item()
 

@@ -24,7 +24,7 @@ from .arch import ArchSpec
 from .calibration import HiddenStates, sample_windows
 from .checkpoint import (INDEX_NAME, CheckpointReader, atomic_write, drop_cached, io_thread, materialize, publish,
                          read_shard, sampled_digest, save_json, save_shard, save_text, stage_shard, staged_path)
-from .compress import Held, LayerCompression, fit_rows, fitted_chunks, scored_rows
+from .compress import Held, HeldTokens, LayerCompression, fit_rows, fitted_chunks, scored_rows
 from .device import deterministic, device_fields, out_of_memory, resolve_device, resolve_dtype
 from .errors import CheckpointError, InputError, Interrupted
 from .evaluate import perplexity
@@ -32,7 +32,7 @@ from .journal import PROVENANCE, Journal, refuse_inside_input, source_digest
 from .model import Model
 from .options import RunOptions, check_options, target_experts
 from .routed import Placement, RoutedTokens
-from .runner import LayerRunner, reduced_config
+from .runner import KnownRows, LayerRunner, reduced_config
 from .plan import estimate, planned_device, preflight
 from .statistics import ExpertStatistics, sampled_rows
 
@@ -177,8 +177,10 @@ class Run:
             del module
             self.check_finite(layer, tensors, stats)
             _return_freed_heap()  # the experts' activation blocks: merging and scoring allocate other sizes
+            # the fitted rows of all chunks run as one input, each expert call on at most a chunk's rows, as planned
+            max_rows = min(self.placement.max_rows or math.inf, len(self.chunks[0]) * self.options.seqlen)
             best, errors = LayerCompression(self.runner, layer, tensors, stats, held, self.k, self.options,
-                                            self.placement.max_rows).best()
+                                            max_rows).best()
             tensors = best.tensors
             record.update({
                 "method": best.method,
@@ -256,7 +258,9 @@ class Run:
 
         With `--method auto` the last chunk is held aside from the statistics, so the choice is judged on
         tokens it was not made from. With `--fit lsq` step 3 also keeps the MoE block's inputs and outputs on
-        the fitted rows of every other chunk (`compress.fitted_chunks`), which the fit learns from.
+        the fitted rows of every other chunk (`compress.fitted_chunks`), which the fit learns from, and step 2
+        each expert's outputs and down-projection inputs on the fitted rows routed to it: a candidate that
+        keeps the expert then runs it only on the rows the compressed router adds.
         """
         stream = self.spec.moe_block(module).experts
         stats = ExpertStatistics(self.num_experts, self.config.hidden_size, self.device)
@@ -271,18 +275,27 @@ class Run:
             stream.tape = None
         for c in counted:
             stats.add_routing(tokens.chunks[c])  # where they are kept: only counts and sizes are read
-        sampled: list[list[torch.Tensor]] = [[] for _ in self.chunks]
-        outputs, down_inputs = [], []
-        stream.keep_down_inputs = self.options.fit != "none" and not self.spec.scaled_input_experts  # llama4's
-        # experts take scaled inputs in the block, not the statistics' unscaled ones
+        fitting = self.options.fit != "none"
+        fit_chunks = fitted_chunks(len(self.chunks)) if fitting else range(0)
+        learned = fit_rows(sum(len(self.chunks[c]) for c in fit_chunks) * self.options.seqlen, self.tokens.numel())
+        # llama4's experts take scaled inputs in the block, not the statistics' unscaled ones
+        stream.keep_down_inputs = fitting and not self.spec.scaled_input_experts
+        picked = self.fitted_routing(tokens, fit_chunks, learned) if stream.keep_down_inputs else {}
+        sampled = [[] for _ in self.chunks]  # per chunk, each expert's outputs on its sampled rows
+        scored_known, fitted_known = [], [[] for _ in range(self.num_experts)]
 
         def observe(expert, c, chunk, y, h):
             if c == 0:
                 self.overlap(layer)
-            if c == scored:
-                outputs.append(y[scored_rows(y)].clone())
-                if h is not None:
-                    down_inputs.append(h[scored_rows(h)].to("cpu", copy=True))
+            if c in picked:
+                positions, rows = picked[c][expert]
+                fitted_known[expert].append((positions, y[rows], h[rows]))
+            if c == scored:  # the expert's last chunk: what is kept of its work moves to the host, one wait each
+                rows = scored_rows(y)
+                scored_known.append((y[rows].to("cpu"), None if h is None else h[rows].to("cpu")))
+                if picked:
+                    positions, outputs, inputs = zip(*fitted_known[expert])
+                    fitted_known[expert] = (torch.cat(positions), torch.cat(outputs).cpu(), torch.cat(inputs).cpu())
             if c in counted:
                 stats.add_expert(expert, y, chunk)
                 sampled[c].append(y[sampled_rows(y)].clone())  # a strided view would keep all of y alive
@@ -298,9 +311,7 @@ class Run:
         hooks = [moe.register_forward_pre_hook(lambda _, args: block.update(x=args[0])),
                  moe.register_forward_hook(lambda _, args, out: block.update(y=out[0] if isinstance(out, tuple) else out))]
         hidden = self.config.hidden_size
-        propagating, fitting = self.options.propagate == "original", self.options.fit != "none"
-        fit_chunks = fitted_chunks(len(self.chunks)) if fitting else range(0)
-        learned = fit_rows(sum(len(self.chunks[c]) for c in fit_chunks) * self.options.seqlen, self.tokens.numel())
+        propagating = self.options.propagate == "original"
         # "merged" propagation needs the original outputs only where they are scored or fitted
         replayed = range(len(self.chunks)) if propagating else sorted({scored, *fit_chunks})
         stream.replay = iter(combined[c] for c in replayed)
@@ -316,9 +327,30 @@ class Run:
             for hook in hooks:
                 hook.remove()
         x, y = (block[k].reshape(-1, hidden) for k in "xy")
-        held = Held(x[scored_rows(x)].to("cpu", copy=True), y[scored_rows(y)].to("cpu", copy=True),
-                    [o.to("cpu") for o in outputs], fitted, down_inputs)
-        return stats.to_host(), held
+        x, y = x[scored_rows(x)].to("cpu", copy=True), y[scored_rows(y)].to("cpu", copy=True)
+        scored_tokens = HeldTokens(x, y, {e: KnownRows.on(len(x), torch.arange(len(x)), *known)
+                                          for e, known in enumerate(scored_known)})
+        fitted_tokens = None
+        if fitting:
+            x, y = (torch.cat(part) for part in zip(*fitted))
+            fitted_tokens = HeldTokens(x, y, {e: KnownRows.on(len(x), *known) for e, known in enumerate(fitted_known)
+                                              if known})
+        return stats.to_host(), Held(scored_tokens, fitted_tokens)
+
+    def fitted_routing(self, tokens: RoutedTokens, fit_chunks: range, learned: slice) -> dict:
+        """For each fitted chunk and expert: which of the fitted rows the model routes to the expert (their
+        positions among all the fitted rows, on the host) and where they are in the chunk (on the device), so
+        the sweep keeps the expert's work there without waiting for the device."""
+        picked, start = {}, 0
+        for c in fit_chunks:
+            chunk = tokens.chunks[c]
+            rows = torch.cat(chunk.rows).cpu().split(chunk.counts.tolist())
+            picked[c] = []
+            for expert_rows in rows:
+                kept = expert_rows[expert_rows % learned.step == 0]
+                picked[c].append((start + kept // learned.step, kept.to(self.device)))
+            start += -(-len(chunk.x) // learned.step)
+        return picked
 
     def check_finite(self, layer: int, tensors: dict, stats: ExpertStatistics) -> None:
         """Refuse NaN or Inf, which would merge into every expert it touches and score as a NaN error. Every

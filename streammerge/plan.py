@@ -53,9 +53,10 @@ Host peak (RSS):
                       running experts again; with the fit also their down-projection inputs, E·rows·I·c
   statistics          E×H float64 output sums, the E×E token distances, and the S sampled MoE inputs of every
                       chunk in float32 (for router fitting)
-  fit                 --fit lsq: the MoE block's inputs and outputs on the F fitted tokens, 2·F·H·c, the chosen
-                      candidate's K fitted down projections, K·I·H·w, and while one is made, its float32 copy and
-                      change, 2·I·H·4
+  fit                 --fit lsq: the MoE block's inputs and outputs on the F fitted tokens, 2·F·H·c, and the
+                      outputs and down-projection inputs of the k experts each was routed to, F·k·(I + H)·c; the
+                      chosen candidate's K fitted down projections, K·I·H·w, and while one is made, its float32
+                      copy and change, 2·I·H·4
   on CPU also every device term but the CUDA context: there the device is the host.
 Disk: the output checkpoint, plus three layers' sets of hidden states, T·H·c each (the input set of layer l is
 removed when l is committed, which happens in the background while layer l+1 writes the set for l+2), plus
@@ -66,8 +67,10 @@ the attention scores QKᵀ and AV over full seqlen² windows, 4·T·seqlen·head
 half do less); the layer then runs again without its experts for its outputs (`Run.measure`), which adds the
 non-expert matrices and the scores once more. --propagate merged adds a pass of the compressed layer with only the
 routed top-k experts per token. --fit lsq adds, per candidate (three with --method auto), the compressed block's
-experts on the F fitted and the scored tokens, the joint system (the K experts' t x t Grams, t = F·k'/K, or the
-stacked inputs' Gram), its factorization and solve for each ridge of RIDGES, and the changes (streammerge.fit).
+experts on the F fitted and the scored tokens where the statistics pass did not already run them (a kept expert
+on the fitted tokens the model routed to it, about K/E of those the compressed router sends it), the joint
+system (the K experts' t x t Grams, t = F·k'/K, or the stacked inputs' Gram), its factorization and solve for
+each ridge of RIDGES, and the changes (streammerge.fit).
 Scoring candidates on one chunk is left out. Bytes read: the layer's tensors and its input hidden states; written:
 its output shard and the next layer's hidden states.
 Time: the whole run's FLOPs at the rate of square matmuls in the compute dtype, timed on this machine's device
@@ -260,7 +263,10 @@ def estimate(spec: ArchSpec, config, tensors: TensorTable, options: RunOptions, 
             system = min(fit_tokens, unknowns)  # token space (F x F) or input space (K·I x K·I)
             build = (k * 2 * expert_tokens ** 2 * expert_intermediate if fit_tokens < unknowns
                      else 2 * fit_tokens * unknowns ** 2)
-            flops += candidates * (2 * (fit_tokens + SCORED_TOKENS) * top_k_after * expert_numel  # the experts
+            # the experts where the statistics pass did not already run them: on about K/E of a kept expert's
+            # fitted rows the model routed it itself
+            flops += candidates * (2 * (fit_tokens * (experts - k) // experts + SCORED_TOKENS) * top_k_after
+                                   * expert_numel
                                    + build + len(RIDGES) * (system ** 3 // 3 + 2 * system ** 2 * hidden)
                                    + k * 2 * expert_tokens * expert_intermediate * hidden)  # the changes
         work = Work(flops=flops,
@@ -299,9 +305,11 @@ def estimate(spec: ArchSpec, config, tensors: TensorTable, options: RunOptions, 
         "statistics": (experts * hidden + experts * experts) * FLOAT64_BYTES
         + chunks * SAMPLED_TOKENS_PER_CHUNK * hidden * FLOAT32_BYTES,
     }
-    if fit_tokens:  # the fitted rows' block inputs and outputs; the chosen candidate's fitted projections, and
-        # while one is made, its float32 copy and change
-        host_memory["fit"] = (2 * fit_tokens * hidden * c + k * intermediate * hidden * weights_dtype.itemsize
+    if fit_tokens:  # the fitted rows' block inputs and outputs, and their routed experts' outputs and down-
+        # projection inputs; the chosen candidate's fitted projections, and while one is made, its float32 copy
+        # and change
+        host_memory["fit"] = (2 * fit_tokens * hidden * c + fit_tokens * top_k * (intermediate + hidden) * c
+                              + k * intermediate * hidden * weights_dtype.itemsize
                               + 2 * intermediate * hidden * FLOAT32_BYTES)
     reading = one_expert * weights_dtype.itemsize
     if device == "cpu":

@@ -242,10 +242,10 @@ class ExpertStream(nn.Module):
     When `fit_calls` is a list, an inference forward appends to it each expert's `RoutedCall`: what the output
     fit (`streammerge.fit`) learns from, taken from the very computation the block does.
 
-    `known` maps experts to their outputs already computed on this module's input rows, which are then used
-    instead of running the expert (scoring a pruned layer costs no expert computation); `known_down_inputs` to
-    their down projections' inputs there, which the fit records instead. `max_rows` caps the
-    tokens of one expert call, when the device cannot hold a whole chunk's activations.
+    `known` maps experts to what the statistics pass already computed on some rows of this module's input
+    (`KnownRows`): those rows are taken from there and only the others run (scoring a pruned layer costs no
+    expert computation, and fitting it little). `max_rows` caps the tokens of one expert call, when the device
+    cannot hold a whole chunk's activations.
     """
 
     def __init__(self, experts_class, spec: ArchSpec, config, experts: list[dict], device, dtype, buffers: dict,
@@ -264,14 +264,13 @@ class ExpertStream(nn.Module):
         self.uploader = uploader
         self.uploading: dict[int, int] = {}  # slot -> expert
         self.state: dict[str, torch.Tensor] | None = None
-        self.known: dict[int, torch.Tensor] = {}
+        self.known: dict[int, KnownRows] = {}
         self.tape: RoutedTokens | None = None
         self.replay = None  # an iterator over the chunks' routed outputs
         self.max_rows: int | None = None
         self.fit_calls: list[RoutedCall] | None = None
         self.down_inputs: list[torch.Tensor] = []
         self.keep_down_inputs = False
-        self.known_down_inputs: dict[int, torch.Tensor] = {}
 
     def _fill(self, state: dict[str, torch.Tensor], expert: int, copy) -> None:
         covered = set()
@@ -378,15 +377,34 @@ class ExpertStream(nn.Module):
     def record(self, expert: int, rows: torch.Tensor, gate: torch.Tensor | None) -> None:
         """After expert `expert` ran on `rows` of the block's input with router weights `gate`: what it was."""
         if self.fit_calls is not None:
-            known = self.known_down_inputs.get(expert)
-            inputs = torch.cat(self.down_inputs) if known is None else known[rows.cpu()].to(rows.device, non_blocking=True)
-            self.fit_calls.append(RoutedCall(expert, rows, gate, inputs))
+            self.fit_calls.append(RoutedCall(expert, rows, gate, torch.cat(self.down_inputs)))
             self.down_inputs.clear()
 
     def output(self, expert: int, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Expert `expert` applied to every row of `x` [N, H] (which are the input's `rows`, if given)."""
-        if expert in self.known and rows is not None:  # kept on the host: only the rows asked for move
-            return self.known[expert][rows.cpu()].to(x.device, non_blocking=True)
+        known = self.known.get(expert) if rows is not None else None
+        recording = self.fit_calls is not None
+        if known is None or (recording and known.down_inputs is None):
+            return self._computed(expert, x)
+        at = known.position[rows.cpu()]  # kept on the host: only the rows asked for move
+        hit = at >= 0
+        if hit.all():
+            if recording:
+                self.down_inputs.append(known.down_inputs[at].to(x.device, non_blocking=True))
+            return known.outputs[at].to(x.device, non_blocking=True)
+        missed = (~hit).nonzero().squeeze(-1).to(x.device)
+        found = hit.nonzero().squeeze(-1).to(x.device)
+        computed = self._computed(expert, x[missed])
+        out = computed.new_empty(len(at), computed.shape[-1])
+        out[missed], out[found] = computed, known.outputs[at[hit]].to(x.device, computed.dtype)
+        if recording:
+            ran = torch.cat(self.down_inputs)
+            inputs = ran.new_empty(len(at), ran.shape[-1])
+            inputs[missed], inputs[found] = ran, known.down_inputs[at[hit]].to(x.device, ran.dtype)
+            self.down_inputs[:] = [inputs]
+        return out
+
+    def _computed(self, expert: int, x: torch.Tensor) -> torch.Tensor:
         if self.buffers.get("loaded") != (id(self), expert):  # the buffers are shared by the layers' streams
             self._load(expert)
         return self.every_token(x)
@@ -460,6 +478,24 @@ class ExpertStream(nn.Module):
                 combined.index_add_(0, rows, (self.output(expert, x[rows], rows) * gate).to(combined.dtype))
                 self.record(expert, rows, gate)
         return combined
+
+
+@dataclass
+class KnownRows:
+    """An expert's outputs [n, H] and, for the fit, its down projection's inputs [n, I] on n rows of a block's
+    input, computed by the statistics pass; `position` [N] maps each of the input's rows to its index there,
+    -1 where the expert did not run on it."""
+
+    position: torch.Tensor
+    outputs: torch.Tensor
+    down_inputs: torch.Tensor | None
+
+    @classmethod
+    def on(cls, count: int, rows: torch.Tensor, outputs: torch.Tensor, down_inputs: torch.Tensor | None):
+        """Known on `rows` (host indices) of a `count`-row input."""
+        position = torch.full((count,), -1, dtype=torch.long)
+        position[rows] = torch.arange(len(rows))
+        return cls(position, outputs, down_inputs)
 
 
 @dataclass

@@ -8,7 +8,7 @@ import torch
 
 from streammerge import compress as compress_module
 from streammerge.checkpoint import materialize
-from streammerge.compress import Held, LayerCompression
+from streammerge.compress import Held, HeldTokens, LayerCompression
 from streammerge.fit import Routed, fit_down_projections, fit_on_held_out
 from streammerge.model import Model
 from streammerge.options import RunOptions
@@ -64,7 +64,7 @@ def compression(model, layer, runner, tensors, x, k):
     with torch.no_grad():
         y = block_output(model.spec.moe_block(runner.build(layer, tensors)), x)
     stats = ExpertStatistics(model.spec.num_experts(model.config), model.config.hidden_size, torch.device("cpu"))
-    held = Held(x, y, [], [(x, y)])
+    held = Held(HeldTokens(x, y, {}), HeldTokens(x, y, {}))
     return LayerCompression(runner, layer, tensors, stats.to_host(), held, k, RunOptions(ratio=0.5)), y
 
 
@@ -79,7 +79,7 @@ def test_a_block_that_kept_every_expert_is_unchanged(tiny_models, family):
     parts = compress.expert_parts(groups)
     block = compress.block(compress.layer_tensors(groups, parts))
     with torch.no_grad():
-        routed, residual = compress.routed(block, [(x, y)], block.experts.down_layout()[1])
+        routed, residual = compress.routed(block, compress.held.fitted, {}, block.experts.down_layout()[1])
     assert residual.norm() / y.norm() < 1e-5
     down, _ = model.spec.down_parts()
     changes = fit_down_projections([r for r in routed if r is not None], residual)

@@ -5,6 +5,7 @@ import json
 import os
 import re
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 import subprocess
 import sys
@@ -99,10 +100,36 @@ def test_scores_from_known_outputs_equal_running_the_experts(tiny_models, family
     for method, groups in plans.items():
         out = compression.layer_tensors(groups, compression.expert_parts(groups))
         block = state.spec.moe_block(state.runner.build(layer, out, reduced_config(state.spec, state.config, state.k)))
-        got = block(held.x.unsqueeze(0))
-        got = (got[0] if isinstance(got, tuple) else got).reshape(held.y.shape)
-        ran = ((got - held.y).double().norm() / held.y.double().norm()).item()
+        scored = held.scored
+        got = block(scored.x.unsqueeze(0))
+        got = (got[0] if isinstance(got, tuple) else got).reshape(scored.y.shape)
+        ran = ((got - scored.y).double().norm() / scored.y.double().norm()).item()
         assert compression.block_error(out, groups, known=True) == pytest.approx(ran, rel=1e-5), method
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_the_fit_from_known_rows_equals_running_the_experts(tiny_models, family, tmp_path):
+    """The fit takes a kept expert's outputs and down-projection inputs on the fitted rows the model routed to it
+    from the statistics pass, and runs it only on the rows the compressed router adds; that must fit as running
+    it on all of them does. Three chunks: the fitted rows of two are stitched together."""
+    options = RunOptions(**{**OPTIONS, "method": "auto", "fit": "lsq", "samples": 12})
+    state = Run(tiny_models(family), tmp_path / "out", options)
+    state.journal.open(state.signature_fields(), state.output_files(), state.num_layers, restart=False)
+    state.embed()
+    layer = min(state.moe_layers)
+    tensors = state.model.reader.read(state.model.layer_names(layer))
+    stats, held = state.measure(layer, state.runner.build(layer, tensors), state.hidden(layer), state.hidden(layer + 1))
+    assert len(held.fitted.known) == state.num_experts
+    unknown = replace(held, fitted=replace(held.fitted, known={}), scored=replace(held.scored, known={}))
+    known, ran = (LayerCompression(state.runner, layer, tensors, stats, h, state.k, options) for h in (held, unknown))
+    for method, groups in known.candidates().items():
+        parts = known.expert_parts(groups)
+        out = known.layer_tensors(groups, parts)
+        (fitted, unfitted, error), (want, want_unfitted, want_error) = known.fit(out, parts, groups), ran.fit(out, parts, groups)
+        assert (unfitted, error) == pytest.approx((want_unfitted, want_error), rel=1e-5), method
+        for i in range(len(want.experts)):
+            change, want_change = fitted.changes.form(i), want.changes.form(i)
+            assert (change - want_change).norm() <= 1e-4 * want_change.norm(), method
 
 
 def test_output_loads_strictly_and_generates(compressed, family):
