@@ -292,7 +292,8 @@ class Run:
                 fitted_known[expert].append((positions, y[rows], h[rows]))
             if c == scored:  # the expert's last chunk: what is kept of its work moves to the host, one wait each
                 rows = scored_rows(y)
-                scored_known.append((y[rows].to("cpu"), None if h is None else h[rows].to("cpu")))
+                # a copy: on the host a view would keep the expert's whole output and activations alive
+                scored_known.append((y[rows].to("cpu", copy=True), None if h is None else h[rows].to("cpu", copy=True)))
                 if picked:
                     positions, outputs, inputs = zip(*fitted_known[expert])
                     fitted_known[expert] = (torch.cat(positions), torch.cat(outputs).cpu(), torch.cat(inputs).cpu())

@@ -54,9 +54,9 @@ Host peak (RSS):
   statistics          E×H float64 output sums, the E×E token distances, and the S sampled MoE inputs of every
                       chunk in float32 (for router fitting)
   fit                 --fit lsq: the MoE block's inputs and outputs on the F fitted tokens, 2·F·H·c, and the
-                      outputs and down-projection inputs of the k experts each was routed to, F·k·(I + H)·c; the
-                      chosen candidate's K fitted down projections, K·I·H·w, and while one is made, its float32
-                      copy and change, 2·I·H·4
+                      outputs and down-projection inputs of the k experts each was routed to, F·k·(I + H)·c (not
+                      llama4's); the chosen candidate's K fitted down projections, K·I·H·w, and while one is made,
+                      its float32 copy and change, 2·I·H·4
   on CPU also every device term but the CUDA context: there the device is the host.
 Disk: the output checkpoint, plus three layers' sets of hidden states, T·H·c each (the input set of layer l is
 removed when l is committed, which happens in the background while layer l+1 writes the set for l+2), plus
@@ -308,7 +308,9 @@ def estimate(spec: ArchSpec, config, tensors: TensorTable, options: RunOptions, 
     if fit_tokens:  # the fitted rows' block inputs and outputs, and their routed experts' outputs and down-
         # projection inputs; the chosen candidate's fitted projections, and while one is made, its float32 copy
         # and change
-        host_memory["fit"] = (2 * fit_tokens * hidden * c + fit_tokens * top_k * (intermediate + hidden) * c
+        # llama4 keeps none: its block scales the experts' inputs, the statistics pass does not
+        known = 0 if spec.scaled_input_experts else fit_tokens * top_k * (intermediate + hidden) * c
+        host_memory["fit"] = (2 * fit_tokens * hidden * c + known
                               + k * intermediate * hidden * weights_dtype.itemsize
                               + 2 * intermediate * hidden * FLOAT32_BYTES)
     reading = one_expert * weights_dtype.itemsize

@@ -111,8 +111,9 @@ def test_scores_from_known_outputs_equal_running_the_experts(tiny_models, family
 def test_the_fit_from_known_rows_equals_running_the_experts(tiny_models, family, tmp_path):
     """The fit takes a kept expert's outputs and down-projection inputs on the fitted rows the model routed to it
     from the statistics pass, and runs it only on the rows the compressed router adds; that must fit as running
-    it on all of them does. Three chunks: the fitted rows of two are stitched together."""
-    options = RunOptions(**{**OPTIONS, "method": "auto", "fit": "lsq", "samples": 12})
+    it on all of them does. Three chunks of 1024 tokens: the fitted rows of two are stitched together, and the
+    512 scored rows are every other row of the last."""
+    options = RunOptions(**{**OPTIONS, "method": "auto", "fit": "lsq", "samples": 24, "batch": 8, "seqlen": 128})
     state = Run(tiny_models(family), tmp_path / "out", options)
     state.journal.open(state.signature_fields(), state.output_files(), state.num_layers, restart=False)
     state.embed()
@@ -120,6 +121,9 @@ def test_the_fit_from_known_rows_equals_running_the_experts(tiny_models, family,
     tensors = state.model.reader.read(state.model.layer_names(layer))
     stats, held = state.measure(layer, state.runner.build(layer, tensors), state.hidden(layer), state.hidden(layer + 1))
     assert len(held.fitted.known) == state.num_experts
+    for known in [*held.scored.known.values(), *held.fitted.known.values()]:  # none keeps a chunk's activations
+        for kept in (known.outputs, known.down_inputs):
+            assert kept.untyped_storage().nbytes() == kept.numel() * kept.element_size()
     unknown = replace(held, fitted=replace(held.fitted, known={}), scored=replace(held.scored, known={}))
     known, ran = (LayerCompression(state.runner, layer, tensors, stats, h, state.k, options) for h in (held, unknown))
     for method, groups in known.candidates().items():
