@@ -282,20 +282,22 @@ class Run:
         stream.keep_down_inputs = fitting and not self.spec.scaled_input_experts
         picked = self.fitted_routing(tokens, fit_chunks, learned) if stream.keep_down_inputs else {}
         sampled = [[] for _ in self.chunks]  # per chunk, each expert's outputs on its sampled rows
-        scored_known, fitted_known = [], [[] for _ in range(self.num_experts)]
+        scored_known, fitted_known = [], {}
+        fitted_pieces = [[] for _ in range(self.num_experts)]  # on the device until the expert's last chunk
 
         def observe(expert, c, chunk, y, h):
             if c == 0:
                 self.overlap(layer)
             if c in picked:
                 positions, rows = picked[c][expert]
-                fitted_known[expert].append((positions, y[rows], h[rows]))
+                fitted_pieces[expert].append((positions, y[rows], h[rows]))
             if c == scored:  # the expert's last chunk: what is kept of its work moves to the host, one wait each
                 rows = scored_rows(y)
                 # a copy: on the host a view would keep the expert's whole output and activations alive
                 scored_known.append((y[rows].to("cpu", copy=True), None if h is None else h[rows].to("cpu", copy=True)))
                 if picked:
-                    positions, outputs, inputs = zip(*fitted_known[expert])
+                    positions, outputs, inputs = zip(*fitted_pieces[expert])
+                    fitted_pieces[expert] = None
                     fitted_known[expert] = (torch.cat(positions), torch.cat(outputs).cpu(), torch.cat(inputs).cpu())
             if c in counted:
                 stats.add_expert(expert, y, chunk)
@@ -334,8 +336,7 @@ class Run:
         fitted_tokens = None
         if fitting:
             x, y = (torch.cat(part) for part in zip(*fitted))
-            fitted_tokens = HeldTokens(x, y, {e: KnownRows.on(len(x), *known) for e, known in enumerate(fitted_known)
-                                              if known})
+            fitted_tokens = HeldTokens(x, y, {e: KnownRows.on(len(x), *known) for e, known in fitted_known.items()})
         return stats.to_host(), Held(scored_tokens, fitted_tokens)
 
     def fitted_routing(self, tokens: RoutedTokens, fit_chunks: range, learned: slice) -> dict:

@@ -388,20 +388,22 @@ class ExpertStream(nn.Module):
             return self._computed(expert, x)
         at = known.position[rows.cpu()]  # kept on the host: only the rows asked for move
         hit = at >= 0
-        if hit.all():
+        found, missed = (mask.nonzero().squeeze(-1).to(x.device) for mask in (hit, ~hit))
+
+        def gathered(source: torch.Tensor) -> torch.Tensor:  # the known rows; the others are filled below
+            rows_out = source.new_empty(len(at), source.shape[-1], device=x.device)
+            rows_out[found] = source[at[hit]].to(x.device)
+            return rows_out
+
+        out = gathered(known.outputs)
+        inputs = gathered(known.down_inputs) if recording else None
+        if len(missed):
+            out[missed] = self._computed(expert, x[missed])
             if recording:
-                self.down_inputs.append(known.down_inputs[at].to(x.device, non_blocking=True))
-            return known.outputs[at].to(x.device, non_blocking=True)
-        missed = (~hit).nonzero().squeeze(-1).to(x.device)
-        found = hit.nonzero().squeeze(-1).to(x.device)
-        computed = self._computed(expert, x[missed])
-        out = computed.new_empty(len(at), computed.shape[-1])
-        out[missed], out[found] = computed, known.outputs[at[hit]].to(x.device, computed.dtype)
+                inputs[missed] = torch.cat(self.down_inputs)
+                self.down_inputs.clear()
         if recording:
-            ran = torch.cat(self.down_inputs)
-            inputs = ran.new_empty(len(at), ran.shape[-1])
-            inputs[missed], inputs[found] = ran, known.down_inputs[at[hit]].to(x.device, ran.dtype)
-            self.down_inputs[:] = [inputs]
+            self.down_inputs.append(inputs)
         return out
 
     def _computed(self, expert: int, x: torch.Tensor) -> torch.Tensor:
