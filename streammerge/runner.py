@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -223,6 +224,9 @@ def _sources(tensor) -> list[torch.Tensor]:
     return list(tensor.sources) if isinstance(tensor, Deferred) and tensor.compute is not None else []
 
 
+_STREAM_SERIALS = itertools.count()
+
+
 class ExpertStream(nn.Module):
     """Stands in for transformers' experts module, with one expert on the device at a time.
 
@@ -262,6 +266,8 @@ class ExpertStream(nn.Module):
         self.dtype = dtype
         self.buffers = buffers
         self.uploader = uploader
+        # which stream's expert the shared buffers hold: id(self) could be a freed stream's, reused
+        self.serial = next(_STREAM_SERIALS)
         self.uploading: dict[int, int] = {}  # slot -> expert
         self.state: dict[str, torch.Tensor] | None = None
         self.known: dict[int, KnownRows] = {}
@@ -324,7 +330,7 @@ class ExpertStream(nn.Module):
             self._fill(self.state, expert, copy)
             self.uploader.release(expert % 2)
             del self.uploading[expert % 2]
-        self.buffers["loaded"] = (id(self), expert)
+        self.buffers["loaded"] = (self.serial, expert)
 
     def _buffer(self, name: str, shape: torch.Size) -> torch.Tensor:
         key = (name, tuple(shape))
@@ -407,7 +413,7 @@ class ExpertStream(nn.Module):
         return out
 
     def _computed(self, expert: int, x: torch.Tensor) -> torch.Tensor:
-        if self.buffers.get("loaded") != (id(self), expert):  # the buffers are shared by the layers' streams
+        if self.buffers.get("loaded") != (self.serial, expert):  # the buffers are shared by the layers' streams
             self._load(expert)
         return self.every_token(x)
 

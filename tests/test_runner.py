@@ -89,3 +89,27 @@ def test_an_unrouted_token_infinity_stays_out_of_the_routed_sum(tiny_models, mon
     monkeypatch.setattr(ExpertStream, "every_token", every_token)
     combined = stream.sweep(tokens, lambda expert, c, chunk, y, down_inputs: None)
     assert torch.equal(combined[0], torch.ones(12, model.config.hidden_size, dtype=torch.float16))
+
+
+
+def test_a_stream_built_after_another_was_freed_loads_its_own_experts(tiny_models):
+    """The layers' streams share the expert buffers, which remember which stream's expert they hold. A stream
+    built right after another was freed takes the freed one's memory, hence its id() in CPython; it must still
+    load its own expert 1, not take the freed stream's (the compressed candidates of a layer are built one after
+    another, the same expert index another expert)."""
+    from streammerge.runner import ExpertStream
+
+    model = Model.open(tiny_models("mixtral"))
+    runner = LayerRunner(model.spec, model.config, torch.device("cpu"), torch.float32)
+    layer = model.spec.moe_layers(model.config)[0]
+    freed = model.spec.moe_block(runner.build(layer, model.read(model.layer_names(layer)))).experts
+    x = torch.randn(8, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        freed.output(1, x)
+        experts_class, experts = type(freed.one), freed.experts[::-1]  # its expert 1 is another one
+        del freed
+        stream = ExpertStream(experts_class, model.spec, runner.config, experts, torch.device("cpu"), torch.float32,
+                              runner._expert_buffers)
+        got = stream.output(1, x)
+        stream._load(1)
+        assert torch.equal(got, stream.every_token(x))
